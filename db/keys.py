@@ -1,0 +1,51 @@
+"""API keys: `hwp_<prefix>_<secret>`; only sha256(key) is stored, compared with `hmac.compare_digest`.
+
+The secret has 256 bits of entropy, so a fast unsalted hash is enough (no dictionary to attack); the prefix
+is a lookup handle so verification reads one row instead of hashing against every key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import ApiKey, Tenant
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_key(session: Session, tenant_name: str) -> tuple[Tenant, str]:
+    """Create (or reuse) the tenant and a fresh key for it; returns the plaintext key once."""
+    name = tenant_name.strip()
+    assert name, "tenant name must not be empty"
+    tenant = session.scalar(select(Tenant).where(Tenant.name == name))
+    if tenant is None:
+        tenant = Tenant(name=name)
+        session.add(tenant)
+        session.flush()
+    prefix = secrets.token_hex(6)
+    key = f"hwp_{prefix}_{secrets.token_urlsafe(32)}"
+    session.add(ApiKey(tenant_id=tenant.id, prefix=prefix, key_hash=hash_key(key)))
+    session.flush()
+    return tenant, key
+
+
+def verify_key(session: Session, key: str) -> Tenant | None:
+    """The tenant a key belongs to, or None (unknown, malformed or revoked: callers answer 401 alike)."""
+    parts = key.split("_", 2)
+    if len(parts) != 3 or parts[0] != "hwp" or len(parts[1]) != 12:
+        return None
+    row = session.scalar(select(ApiKey).where(ApiKey.prefix == parts[1]))
+    if row is None or row.revoked_at is not None:
+        # Hash anyway so unknown prefixes take as long as known ones.
+        hmac.compare_digest(hash_key(key), "0" * 64)
+        return None
+    if not hmac.compare_digest(hash_key(key), row.key_hash):
+        return None
+    return session.get(Tenant, row.tenant_id)

@@ -1,0 +1,77 @@
+"""Service settings: one pydantic-settings class, every field overridable as `HWPRUNE_<FIELD>`.
+
+Style anchor: full-stack-fastapi-template -- a single settings object that refuses unsafe defaults outside
+development (a production deployment must name its database, broker and CORS origins explicitly).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HWPRUNE_", env_file=None, extra="ignore")
+
+    env: Literal["development", "production"] = "development"
+    # Where the embedded default keeps its SQLite file and every artifact (uploads, pruned models, reports).
+    data_dir: Path = Path(".hwprune")
+    # None: SQLite file `<data_dir>/hwprune.db` (embedded default). PostgreSQL: postgresql+psycopg://user@host/db
+    database_url: str | None = None
+    # None: no Celery; `serve` runs jobs in its own worker thread. Set: `serve` is API only, `worker` consumes.
+    broker_url: str | None = None
+    max_upload_bytes: int = Field(default=2 * 1024**3, gt=0)  # models: 2 GiB
+    max_dataset_bytes: int = Field(default=1024**3, gt=0)  # npz datasets: 1 GiB
+    job_soft_time_limit_s: int = Field(default=4 * 3600, gt=0)  # Celery raises SoftTimeLimitExceeded -> failed
+    job_hard_time_limit_s: int = Field(default=4 * 3600 + 300, gt=0)  # the worker process is killed
+    measure_time_limit_s: int = Field(default=1800, gt=0)  # latency measurement on the cpu queue
+    progress_interval_s: float = Field(default=0.5, ge=0.0)  # at most one progress write per interval
+    cancel_poll_interval_s: float = Field(default=0.5, ge=0.0)  # how often a running job re-reads its flag
+    sse_poll_interval_s: float = Field(default=0.25, gt=0.0)  # how often the SSE stream re-reads the row
+    cors_origins: list[str] = Field(default_factory=lambda: ["*"])
+    page_limit_max: int = 200
+    embedded_workers: int = Field(default=1, ge=1)  # worker threads `serve` starts without a broker
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        assert self.job_hard_time_limit_s > self.job_soft_time_limit_s, "hard time limit must exceed the soft one"
+        if self.env == "production":
+            problems = []
+            if not self.database_url or self.database_url.startswith("sqlite"):
+                problems.append("HWPRUNE_DATABASE_URL must name a PostgreSQL database")
+            if not self.broker_url:
+                problems.append("HWPRUNE_BROKER_URL must name a Redis broker")
+            if "*" in self.cors_origins:
+                problems.append("HWPRUNE_CORS_ORIGINS must list the allowed origins, not '*'")
+            if problems:
+                raise ValueError("unsafe settings for env=production: " + "; ".join(problems))
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'hwprune.db').resolve()}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.resolved_database_url.startswith("sqlite")
+
+    @property
+    def embedded(self) -> bool:
+        """No broker: the API process runs jobs itself."""
+        return not self.broker_url
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        """Redis re-delivers unacked messages after this; it must outlast the longest job (acks_late)."""
+        return max(self.job_hard_time_limit_s, self.measure_time_limit_s) + 600
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
