@@ -91,7 +91,7 @@ def resolve_profile(spec: str | dict[str, Any] | AcceleratorProfile | None) -> A
                 raise InvalidRequest("block_shape and nm take two integers each, e.g. [4, 4] and [2, 4]")
             gran = "block" if block else "nm" if nm else "channel"
             return AcceleratorProfile(
-                name=str(spec.get("name", "custom")), block_shape=block, nm=nm,  # type: ignore[arg-type]
+                name=str(spec.get("name", "custom")), block_shape=block, nm=nm,
                 channel_multiple=int(spec.get("channel_multiple", 1)), default_granularity=gran,
                 description=str(spec.get("description", "custom profile")),
             )

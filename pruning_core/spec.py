@@ -99,7 +99,9 @@ def parse_input_shape(text: str) -> list[int]:
     try:
         dims = [int(p) for p in text.replace("x", ",").split(",") if p.strip()]
     except ValueError as e:
-        raise InvalidRequest(f"input_shape must be comma-separated positive integers like 1,3,224,224, got {text!r}") from e
+        raise InvalidRequest(
+            f"input_shape must be comma-separated positive integers like 1,3,224,224, got {text!r}"
+        ) from e
     if not dims or len(dims) > 8 or any(d < 1 or d > 1_000_000 for d in dims):
         raise InvalidRequest(f"input_shape must be 1-8 positive integers like 1,3,224,224, got {text!r}")
     return dims
