@@ -1,0 +1,131 @@
+"""Output-channel geometry through Torch-Pruning's dependency graph (Fang et al., DepGraph, CVPR 2023).
+
+One unit per dependency group: every layer that must lose the same channel (the convs feeding a residual
+add, a depthwise conv and its producer, the BatchNorm after a concat, ...) shares one mask entry per
+channel of the group's root layer. While masks are soft, the mask multiplies the *out-channel* parameters
+of the group (Conv/Linear weight rows and biases, norm-layer weight and bias), so a zero mask entry makes
+the channel exactly zero everywhere it is produced; `finalize` then removes the channels physically
+(consumers' input channels included) with `Group.prune()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from pruning_core.geometry.masking import MaskFn, raw_tensor
+from pruning_core.geometry.policy import CONV_TYPES
+from pruning_core.geometry.units import PruningUnit
+
+
+@dataclass
+class ChannelMember:
+    """One out-channel pruning target of a group: `module`'s channels `idxs` follow root channels `root_idxs`."""
+
+    name: str
+    module: nn.Module
+    idxs: Tensor
+    root_idxs: Tensor
+
+    def params(self) -> list[str]:
+        """Names of the tensors whose dim 0 is this member's output channel."""
+        m = self.module
+        if isinstance(m, (*CONV_TYPES, nn.Linear)):
+            return [p for p in ("weight", "bias") if getattr(m, p, None) is not None]
+        w = getattr(m, "weight", None)
+        if isinstance(w, Tensor) and w.dim() == 1:  # BatchNorm / GroupNorm / LayerNorm / PReLU affine
+            return [p for p in ("weight", "bias") if isinstance(getattr(m, p, None), Tensor)]
+        return []
+
+
+class ChannelUnit(PruningUnit):
+    """The channels of one Torch-Pruning dependency group, indexed by the root layer's output channels."""
+
+    def __init__(self, name: str, root: nn.Module, group: tp.dependency.Group, dg: tp.DependencyGraph,
+                 names: dict[nn.Module, str], channel_multiple: int) -> None:
+        self.name, self.root, self.dg = name, root, dg
+        self.num_groups = int(raw_tensor(root, "weight").shape[0])
+        self.nm_m = None
+        self.channel_multiple = channel_multiple
+        self.mask = None
+        self.members: list[ChannelMember] = []
+        self.in_members: list[str] = []  # layers that only lose input channels
+        for item in group:
+            dep, idxs = item.dep, item.idxs
+            mod = dep.target.module
+            if not isinstance(mod, nn.Module) or mod not in names:
+                continue
+            if dg.is_out_channel_pruning_fn(dep.handler):
+                self.members.append(ChannelMember(names[mod], mod, torch.as_tensor(list(idxs), dtype=torch.long),
+                                                  torch.as_tensor(list(item.root_idxs), dtype=torch.long)))
+            elif isinstance(mod, (*CONV_TYPES, nn.Linear)):
+                self.in_members.append(names[mod])
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [m.name for m in self.members if isinstance(m.module, (*CONV_TYPES, nn.Linear))]
+
+    def _accumulate(self, what: str) -> Tensor:
+        acc = torch.zeros(self.num_groups, dtype=torch.float64)
+        for mem in self.members:
+            for p in mem.params():
+                t = raw_tensor(mem.module, p).detach()
+                rows = t.index_select(0, mem.idxs.to(t.device)).reshape(len(mem.idxs), -1)
+                v = rows.double().pow(2).sum(1) if what == "sq" else torch.full((len(mem.idxs),), rows.shape[1],
+                                                                                  dtype=torch.float64)
+                acc.index_add_(0, mem.root_idxs, v.cpu())
+        return acc
+
+    def group_norms(self) -> Tensor:
+        return self._accumulate("sq").sqrt().float()
+
+    def group_sizes(self) -> Tensor:
+        return self._accumulate("n").float()
+
+    def mask_fn(self, member: ChannelMember, param: str) -> MaskFn:
+        """The mask source for one tensor of one member: ones except this group's channels."""
+        t = raw_tensor(member.module, param)
+        size, dims = t.shape[0], t.dim()
+
+        def fn() -> Tensor | None:
+            if self.mask is None:
+                return None
+            full = torch.ones(size, dtype=self.mask.dtype, device=self.mask.device)
+            vals = self.mask.index_select(0, member.root_idxs.to(self.mask.device))
+            full = full.index_copy(0, member.idxs.to(self.mask.device), vals)
+            return full.reshape(size, *([1] * (dims - 1)))
+
+        return fn
+
+    def prune(self, keep: Tensor) -> int:
+        """Physically remove the channels whose hard mask is 0; returns how many were removed."""
+        drop = torch.nonzero(keep.detach().cpu() < 0.5).flatten().tolist()
+        if not drop:
+            return 0
+        assert len(drop) < self.num_groups, f"{self.name}: refusing to remove every channel"
+        pruner = self.dg.get_pruner_of_module(self.root)
+        group = self.dg.get_pruning_group(self.root, pruner.prune_out_channels, drop)
+        group.prune()
+        return len(drop)
+
+
+def build_dependency_graph(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) -> tp.DependencyGraph:
+    with torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+
+
+def channel_groups(dg: tp.DependencyGraph) -> list[tuple[nn.Module, tp.dependency.Group]]:
+    """Every dependency group rooted at a Conv/Linear, as (root, group)."""
+    return [(g[0].dep.target.module, g) for g in dg.get_all_groups(root_module_types=(*CONV_TYPES, nn.Linear))]
+
+
+def touches_output(dg: tp.DependencyGraph, group: tp.dependency.Group) -> bool:
+    """True when removing the group's channels would change a model output's shape."""
+    for item in group:
+        dep = item.dep
+        if dg.is_out_channel_pruning_fn(dep.handler) and len(dep.target.outputs) == 0:
+            return True
+    return False
