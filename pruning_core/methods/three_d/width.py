@@ -1,0 +1,59 @@
+"""Width axis: one kept-channel ratio applied to every prunable channel group, through the geometry plan.
+
+The plan (`pruning_core.geometry`, channel granularity) couples residual adds and depthwise convs and rounds
+kept counts to the accelerator's channel multiple; "uniform" allocation gives every group the same kept
+fraction w, as the width dimension of Wang et al., ICML 2021 (arXiv 2010.04879) assumes. Which channels go is
+decided by a pluggable scorer: group magnitude by default, SMART channel scores can be passed instead.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from pruning_core.accelerators import AcceleratorProfile
+from pruning_core.geometry import PruningPlan, build_plan
+
+# (plan of the model to prune) -> one score tensor per unit, [num_groups]; higher = keep.
+ChannelScorer = Callable[[PruningPlan], Sequence[Tensor]]
+
+
+def magnitude_scores(plan: PruningPlan) -> list[Tensor]:
+    """L2 norm over all coupled out-channel parameters of each channel (the Torch-Pruning default)."""
+    return [u.group_norms() for u in plan.units]
+
+
+@dataclass
+class WidthResult:
+    module: nn.Module
+    kept: int  # channels kept over all prunable groups
+    total: int  # channels in all prunable groups before this step
+
+
+def kept_counts(model: nn.Module, example_input: Tensor, keep: float, profile: AcceleratorProfile,
+                min_keep: float = 0.05) -> tuple[int, int]:
+    """(kept, total) channels `prune_width(keep)` would leave, without touching the model (for the solver)."""
+    plan = build_plan(model, example_input, "channel", profile)
+    if not plan.units or keep >= 1.0:
+        total = sum(u.num_groups for u in plan.units)
+        return total, total
+    masks = plan.select(magnitude_scores(plan), 1.0 - keep, "uniform", min_keep)
+    return int(sum(float(m.sum()) for m in masks)), sum(u.num_groups for u in plan.units)
+
+
+def prune_width(model: nn.Module, example_input: Tensor, keep: float, profile: AcceleratorProfile,
+                scorer: ChannelScorer = magnitude_scores, min_keep: float = 0.05) -> WidthResult:
+    """A pruned deep copy of `model` keeping ~`keep` of every prunable channel group (rounded by the plan)."""
+    assert 0.0 < keep <= 1.0, f"kept channel fraction must be in (0, 1], got {keep}"
+    out = copy.deepcopy(model)
+    plan = build_plan(out, example_input, "channel", profile)
+    total = sum(u.num_groups for u in plan.units)
+    if not plan.units or keep >= 1.0:
+        return WidthResult(out, total, total)
+    masks = plan.select(list(scorer(plan)), 1.0 - keep, "uniform", min_keep)
+    kept = int(sum(float(m.sum()) for m in masks))
+    pruned = plan.finalize(masks)
+    return WidthResult(pruned, kept, total)
