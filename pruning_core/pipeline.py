@@ -189,8 +189,7 @@ def prune_stage(spec: PruneSpec, model_path: Path, work_dir: Path, data_path: Pa
     return report
 
 
-def measure_stage(work_dir: Path, progress: Progress | None = None, threads: int | None = None,
-                  max_seconds: float = 40.0) -> dict[str, Any]:
+def measure_stage(work_dir: Path, progress: Progress | None = None, threads: int | None = None) -> dict[str, Any]:
     """Latency of dense vs pruned on ONNX Runtime (same provider, threads, interleaved) and the final report."""
     from pruning_core.explain import explain
     from pruning_core.latency import measure_pair
@@ -200,7 +199,8 @@ def measure_stage(work_dir: Path, progress: Progress | None = None, threads: int
     report = json.loads((work_dir / PARTIAL_REPORT).read_text())
     t0 = time.perf_counter()
     dense, pruned = measure_pair(work_dir / DENSE_ONNX, work_dir / PRUNED_ONNX, report["input_shape"]["dense"],
-                                 report["input_shape"]["pruned"], threads=threads, max_seconds=max_seconds)
+                                 report["input_shape"]["pruned"], threads=threads,
+                                 max_seconds=float(report["spec"]["latency_seconds"]))
     stage(0.9)
     report["latency_ms"] = {"dense": dense.to_dict(), "pruned": pruned.to_dict()}
     report["speedup"] = dense.median / pruned.median if pruned.median > 0 else None

@@ -34,7 +34,7 @@ class PruneSpec:
     min_keep: float = 0.05  # never keep less than this fraction of any layer's groups
     layers: dict[str, str] = field(default_factory=dict)  # layer name -> "prune" | "keep" overrides
     input_shape: list[int] | None = None  # required for TorchScript
-    latency_runs: int | None = None  # None: adaptive until the median is stable
+    latency_seconds: float = 30.0  # time budget for measuring dense + pruned latency (runs stop early when stable)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -74,6 +74,8 @@ class PruneSpec:
             raise InvalidRequest(f"allocation must be 'global' or 'uniform', got {self.allocation!r}")
         if not (0.0 < self.min_keep <= 1.0):
             raise InvalidRequest(f"min_keep must be in (0, 1], got {self.min_keep}")
+        if not (0.5 <= self.latency_seconds <= 600):
+            raise InvalidRequest(f"latency_seconds must be in [0.5, 600], got {self.latency_seconds}")
         bad = {k: v for k, v in self.layers.items() if v not in ("prune", "keep")}
         if bad:
             raise InvalidRequest(f"layer overrides must be 'prune' or 'keep', got {bad}")
