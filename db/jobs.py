@@ -111,3 +111,8 @@ def request_cancel(session: Session, job: Job) -> Job:
         _guarded_update(session, job.id, {"status": "running"}, {"cancel_requested": True})
     session.refresh(locked)
     return locked
+
+
+# The task names and queues both the API (sender) and the worker (consumer) agree on.
+PRUNE_TASK, PRUNE_QUEUE = "hwprune.prune", "gpu"
+MEASURE_TASK, MEASURE_QUEUE = "hwprune.measure", "cpu"

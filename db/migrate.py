@@ -6,7 +6,6 @@ from a checkout; the database URL is passed in, never read from alembic.ini.
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,11 @@ from sqlalchemy import Engine
 
 
 def alembic_config(database_url: str) -> Config:
-    root = Path(str(resources.files("migrations")))
+    import migrations
+
+    # __path__ rather than importlib.resources: it also works when an old editable install maps the folder
+    # as a namespace package.
+    root = Path(next(p for p in migrations.__path__ if Path(p).is_dir()))
     cfg = Config(str(root / "alembic.ini"))
     cfg.set_main_option("script_location", str(root))
     cfg.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))

@@ -27,7 +27,7 @@ def page(
     """Newest first. `cursor` is the last id of the previous page (ids are time-ordered, see db/ids.py).
     Returns the rows and the cursor of the next page (None at the end)."""
     assert limit >= 1, "limit must be positive"
-    stmt: Select[tuple[T]] = select(cls).where(cls.tenant_id == tenant_id)
+    stmt: Select[T] = select(cls).where(cls.tenant_id == tenant_id)
     for col, value in filters.items():
         if value is not None:
             stmt = stmt.where(getattr(cls, col) == value)

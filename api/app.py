@@ -1,0 +1,62 @@
+"""FastAPI application factory: wires settings, database, artifact store and a job dispatcher.
+
+`create_app` never runs migrations (full-stack-fastapi-template: migrations are their own step); the embedded
+`hwprune serve` upgrades its own SQLite file before calling it (see hwprune/cli_service.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from sqlalchemy import text
+
+from api import problems
+from api.dispatch import CeleryDispatcher, Dispatcher
+from api.routes import accelerators, datasets, events, jobs, models
+from db.artifacts import ArtifactStore
+from db.session import make_engine, make_session_factory
+from hwprune.settings import Settings
+
+
+def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> FastAPI:
+    if dispatcher is None:
+        assert settings.broker_url, "without a broker the caller must pass the embedded worker as dispatcher"
+        dispatcher = CeleryDispatcher(settings.broker_url, settings.visibility_timeout_s)
+    engine = make_engine(settings.resolved_database_url)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        start = getattr(dispatcher, "start", None)
+        if start is not None:
+            start()
+        yield
+        stop = getattr(dispatcher, "stop", None)
+        if stop is not None:
+            stop()
+        engine.dispose()
+
+    app = FastAPI(title="hwprune", version="1", lifespan=lifespan,
+                  description="Hardware-aware model compression: upload a model, submit a pruning job, "
+                              "download the pruned ONNX and its report. Auth: `Authorization: Bearer <key>`.")
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = make_session_factory(engine)
+    app.state.store = ArtifactStore(settings.data_dir)
+    app.state.dispatcher = dispatcher
+    app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                       allow_headers=["*"], expose_headers=["Location"])
+    problems.install(app)
+    for r in (models.router, datasets.router, accelerators.router, jobs.router, events.router):
+        app.include_router(r)
+
+    @app.get("/healthz", tags=["health"], summary="Liveness + database reachability (no auth)")
+    def healthz() -> dict[str, Any]:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return {"status": "ok", "mode": "embedded" if settings.embedded else "celery"}
+
+    return app

@@ -1,0 +1,1 @@
+"""v1 routes, one module per resource."""

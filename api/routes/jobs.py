@@ -1,0 +1,103 @@
+"""`/v1/jobs`: submit (202 + Location), list with filters, read, cancel, download artifacts."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Response
+from fastapi.responses import FileResponse
+
+from api.deps import DispatcherDep, SessionDep, StoreDep, TenantDep
+from api.problems import Problem
+from api.routes.common import CursorQ, LimitQ, check_cursor, not_found
+from api.schemas import JobOut, JobRequest, JobStatus, Page
+from db.artifacts import JOB_ARTIFACTS
+from db.ids import new_id
+from db.jobs import TransitionRefused, request_cancel
+from db.models import DatasetRecord, Job, ModelRecord, utcnow
+from db.repositories import get_owned, page
+from pruning_core.spec import PruneSpec
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+log = logging.getLogger("hwprune.api")
+
+
+@router.post("", status_code=202, response_model=JobOut, summary="Submit a pruning job",
+             responses={202: {"headers": {"Location": {"description": "the job's URL",
+                                                       "schema": {"type": "string"}}}}})
+def create_job(body: JobRequest, response: Response, session: SessionDep, tenant: TenantDep,
+               dispatcher: DispatcherDep) -> JobOut:
+    model = get_owned(session, ModelRecord, tenant.id, body.model_id)
+    if model is None:
+        raise not_found("model", body.model_id)
+    if body.dataset_id is not None and get_owned(session, DatasetRecord, tenant.id, body.dataset_id) is None:
+        raise not_found("dataset", body.dataset_id)
+    spec_d = body.spec_dict()
+    if "input_shape" not in spec_d and model.input_shape:
+        spec_d["input_shape"] = list(model.input_shape)
+    spec = PruneSpec.from_dict(spec_d)  # InvalidRequest -> 422 with PruneSpec's message
+    job = Job(
+        id=new_id(), tenant_id=tenant.id, model_id=model.id, dataset_id=body.dataset_id, method=spec.method,
+        granularity=spec.resolved_granularity, accelerator=spec.accelerator, spec=spec.to_dict(),
+        status="queued", progress=0.0, cancel_requested=False, attempts=0,
+    )
+    session.add(job)
+    session.commit()
+    try:
+        dispatcher.submit(job.id)
+    except Exception as e:
+        log.exception("could not enqueue job %s", job.id)
+        job.status, job.error, job.finished_at = "failed", f"could not enqueue the job: {e}", utcnow()
+        session.commit()
+        raise Problem(503, "the job queue is unreachable; the job was recorded as failed, retry later") from e
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobOut.of(job)
+
+
+@router.get("", response_model=Page[JobOut], summary="List your jobs, newest first")
+def list_jobs(session: SessionDep, tenant: TenantDep, limit: LimitQ = 50, cursor: CursorQ = None,
+              status: JobStatus | None = None, model_id: str | None = None,
+              method: str | None = None) -> Page[JobOut]:
+    rows, nxt = page(session, Job, tenant.id, limit, check_cursor(cursor), status=status, model_id=model_id,
+                     method=method)
+    return Page[JobOut](items=[JobOut.of(j) for j in rows], next_cursor=nxt)
+
+
+@router.get("/{job_id}", response_model=JobOut, summary="One job: status, progress, stage, metrics, error")
+def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
+    job = get_owned(session, Job, tenant.id, job_id)
+    if job is None:
+        raise not_found("job", job_id)
+    return JobOut.of(job)
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut, summary="Stop a queued or running job")
+def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
+    job = get_owned(session, Job, tenant.id, job_id)
+    if job is None:
+        raise not_found("job", job_id)
+    try:
+        job = request_cancel(session, job)
+    except TransitionRefused as e:
+        session.rollback()
+        raise Problem(409, str(e)) from e
+    session.commit()
+    return JobOut.of(job)
+
+
+@router.get("/{job_id}/artifacts/{name}", summary="Download the pruned model.onnx or report.json",
+            response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {}, "application/json": {}}}})
+def get_artifact(job_id: str, name: str, session: SessionDep, tenant: TenantDep, store: StoreDep) -> FileResponse:
+    job = get_owned(session, Job, tenant.id, job_id)
+    if job is None:
+        raise not_found("job", job_id)
+    if name not in JOB_ARTIFACTS:
+        raise Problem(404, f"no artifact {name!r}; jobs have {', '.join(JOB_ARTIFACTS)}")
+    if job.status != "succeeded":
+        raise Problem(409, f"job is {job.status}; artifacts are available once it has succeeded")
+    path = store.job_artifact(job.tenant_id, job.id, name)
+    if not path.is_file():
+        raise Problem(404, f"artifact {name} is missing from the artifact store")
+    media = "application/json" if name.endswith(".json") else "application/octet-stream"
+    return FileResponse(path, media_type=media, filename=f"{job.id}-{name}")

@@ -1,0 +1,39 @@
+"""Celery tasks: thin wrappers that carry only a job id and call the shared task code in worker/runner.py."""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+
+from db.artifacts import ArtifactStore
+from db.jobs import MEASURE_QUEUE, MEASURE_TASK, PRUNE_TASK
+from db.session import make_engine, make_session_factory
+from hwprune.settings import get_settings
+from worker.celery_app import celery_app
+from worker.runner import TaskContext, run_measure, run_prune
+
+log = logging.getLogger("hwprune.worker")
+
+
+@lru_cache(maxsize=1)
+def _context() -> TaskContext:
+    """Built lazily in each pool process (after fork), so no database connection crosses a fork."""
+    settings = get_settings()
+    engine = make_engine(settings.resolved_database_url, pool_size=2, max_overflow=2) \
+        if not settings.is_sqlite else make_engine(settings.resolved_database_url)
+    return TaskContext(
+        factory=make_session_factory(engine), store=ArtifactStore(settings.data_dir), settings=settings,
+        enqueue_measure=lambda job_id: measure_task.apply_async(args=[job_id], queue=MEASURE_QUEUE),
+    )
+
+
+@celery_app.task(name=PRUNE_TASK, soft_time_limit=get_settings().job_soft_time_limit_s,
+                 time_limit=get_settings().job_hard_time_limit_s)
+def prune_task(job_id: str) -> None:
+    run_prune(_context(), job_id)
+
+
+@celery_app.task(name=MEASURE_TASK, soft_time_limit=get_settings().measure_time_limit_s,
+                 time_limit=get_settings().measure_time_limit_s + 60)
+def measure_task(job_id: str) -> None:
+    run_measure(_context(), job_id)
