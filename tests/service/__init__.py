@@ -1,0 +1,1 @@
+"""Service tests: API, database + migrations, Celery and embedded workers, against real PostgreSQL/Redis."""
