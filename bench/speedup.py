@@ -1,0 +1,213 @@
+"""Channel-pruning speedup on ONNX Runtime CPU: measured speedup vs the MACs ratio (the ideal).
+
+For each torchvision model (weights=None, batch 1, 224x224): export to ONNX, ingest it as the service
+does (`pruning_core.ingest.load_model`), channel-prune it with our geometry (`build_plan(..., "channel",
+cpu profile)`, uniform allocation of the magnitude scores, `plan.finalize`) at the sparsity that leaves
+50% of the dense MACs (bisection on the real MAC count), export both dense and pruned with
+`export_onnx`, and time them with `measure_pair` (interleaved, same threads and settings).
+
+quotient = measured speedup / (dense MACs / pruned MACs); 1.0 means the runtime realised all of the saving.
+
+    python bench/speedup.py [--models resnet18,resnet50,mobilenet_v2] [--threads 1] [--seconds 60]
+        [--profile-ops] [--out docs/benchmarks/speedup.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+import torch
+import torchvision
+from torch import nn
+
+from pruning_core.accelerators import BUILTIN_PROFILES
+from pruning_core.export import export_onnx
+from pruning_core.geometry import build_plan
+from pruning_core.ingest import load_model
+from pruning_core.latency import measure_pair
+from pruning_core.macs import count_macs
+
+SHAPE = [1, 3, 224, 224]
+TARGET_MACS = 0.5  # kept fraction of dense MACs
+MACS_TOL = 0.01  # bisection stops within 1 percentage point of the target
+
+
+def _prune(module: nn.Module, sparsity: float, x: torch.Tensor, allocation: str) -> tuple[nn.Module, Any]:
+    m = copy.deepcopy(module)
+    plan = build_plan(m, x, "channel", BUILTIN_PROFILES["cpu"])
+    masks = plan.select([s.detach() for s in plan.group_norms()], sparsity, allocation=allocation)
+    return plan.finalize(masks), plan
+
+
+def prune_to_half_macs(module: nn.Module, x: torch.Tensor, allocation: str) -> tuple[nn.Module, Any, float, int]:
+    """Bisection on the group sparsity until pruned MACs are within MACS_TOL of TARGET_MACS x dense."""
+    dense = count_macs(module, x)
+    lo, hi = 0.0, 0.95
+    best: tuple[float, nn.Module, Any, float, int] | None = None
+    for _ in range(12):
+        s = (lo + hi) / 2
+        pruned, plan = _prune(module, s, x, allocation)
+        macs = count_macs(pruned, x)
+        ratio = macs / dense
+        if best is None or abs(ratio - TARGET_MACS) < abs(best[0] - TARGET_MACS):
+            best = (ratio, pruned, plan, s, macs)
+        print(f"    sparsity {s:.4f}: MACs {ratio:.4f} of dense", file=sys.stderr)
+        if abs(ratio - TARGET_MACS) <= MACS_TOL or hi - lo < 2e-3:
+            break  # within tolerance, or the channel multiple makes MACs jump over the target
+        if ratio > TARGET_MACS:
+            lo = s
+        else:
+            hi = s
+    assert best is not None
+    return best[1], best[2], best[3], best[4]
+
+
+def op_profile(path: Path, threads: int, runs: int = 30) -> dict[str, float]:
+    """ms per run by ONNX op type (ORT's profiler), to see which ops do not shrink."""
+    import onnxruntime as ort_
+
+    so = ort_.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort_.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort_.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        so.profile_file_prefix = str(Path(tmp) / "p")
+        sess = ort_.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        feed = {sess.get_inputs()[0].name: torch.randn(*SHAPE).numpy()}
+        for _ in range(5):
+            sess.run(None, feed)
+        for _ in range(runs):
+            sess.run(None, feed)
+        prof = sess.end_profiling()
+        events = json.loads(Path(prof).read_text())
+    per_op: dict[str, list[float]] = defaultdict(list)
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            per_op[e["args"]["op_name"]].append(e["dur"] / 1000.0)
+    # the last `runs` runs only: drop the first 5 warm-up runs' share
+    return {op: sum(v[len(v) * 5 // (runs + 5):]) / runs for op, v in per_op.items()}
+
+
+def bench_model(name: str, threads: int, seconds: float, allocation: str, profile_ops: bool,
+                tmp: Path) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None).eval()
+    src = tmp / f"{name}.onnx"
+    x = torch.randn(*SHAPE)
+    torch.onnx.export(model, (x,), str(src), dynamo=False, opset_version=17, input_names=["input"],
+                      output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    t0 = time.perf_counter()
+    loaded = load_model(src, SHAPE)
+    module = loaded.module.eval()
+    pruned, plan, sparsity, pruned_macs = prune_to_half_macs(module, x, allocation)
+    dense_macs = count_macs(module, x)
+    names = {"input_names": loaded.input_names, "output_names": loaded.output_names,
+             "dynamic_batch": loaded.dynamic_batch}
+    dense_path, pruned_path = tmp / f"{name}_dense.onnx", tmp / f"{name}_pruned.onnx"
+    export_onnx(module, dense_path, SHAPE, **names)
+    export_onnx(pruned, pruned_path, SHAPE, **names)
+    prep_s = time.perf_counter() - t0
+    d, p = measure_pair(dense_path, pruned_path, SHAPE, SHAPE, threads=threads, warmup=10, min_runs=40,
+                        max_seconds=seconds)
+    measured = d.median / p.median
+    ideal = dense_macs / pruned_macs
+    row: dict[str, Any] = {
+        "model": name, "group_sparsity": sparsity, "dense_macs": dense_macs, "pruned_macs": pruned_macs,
+        "dense": d.to_dict(), "pruned": p.to_dict(), "measured_speedup": measured, "macs_speedup": ideal,
+        "quotient": measured / ideal, "prep_s": prep_s,
+        "layers": [r.to_dict() for r in plan.layers],
+    }
+    if profile_ops:
+        row["ops_dense"] = op_profile(dense_path, threads)
+        row["ops_pruned"] = op_profile(pruned_path, threads)
+    return row
+
+
+def machine() -> str:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    load = os.getloadavg()[0]
+    return (f"{cpu}, nproc {nproc}, load average {load:.2f} at start; torch {torch.__version__}, "
+            f"onnxruntime {ort.__version__}, provider CPUExecutionProvider")
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model | group sparsity | MACs dense (G) | MACs pruned (G) | MACs ratio | dense ms (median / p90, runs) "
+        "| pruned ms (median / p90, runs) | measured speedup | ideal (MACs) speedup | quotient |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        d, p = r["dense"], r["pruned"]
+        lines.append(
+            f"| {r['model']} | {r['group_sparsity']:.3f} | {r['dense_macs'] / 1e9:.3f} | {r['pruned_macs'] / 1e9:.3f} "
+            f"| {r['pruned_macs'] / r['dense_macs']:.3f} | {d['median']:.2f} / {d['p90']:.2f}, {d['runs']} "
+            f"| {p['median']:.2f} / {p['p90']:.2f}, {p['runs']} | {r['measured_speedup']:.2f}x "
+            f"| {r['macs_speedup']:.2f}x | {r['quotient']:.2f} |")
+    return "\n".join(lines)
+
+
+def op_table(r: dict[str, Any], top: int = 8) -> str:
+    dense, pruned = r["ops_dense"], r["ops_pruned"]
+    ops = sorted(dense, key=lambda o: -dense[o])[:top]
+    lines = [f"ORT op time per run, {r['model']} (ms, profiler):", "",
+             "| op | dense | pruned | speedup |", "| --- | ---: | ---: | ---: |"]
+    for o in ops:
+        pv = pruned.get(o, 0.0)
+        lines.append(f"| {o} | {dense[o]:.2f} | {pv:.2f} | {dense[o] / pv if pv else float('inf'):.2f}x |")
+    lines.append(f"| total | {sum(dense.values()):.2f} | {sum(pruned.values()):.2f} | "
+                 f"{sum(dense.values()) / max(sum(pruned.values()), 1e-9):.2f}x |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="resnet18,resnet50,mobilenet_v2")
+    ap.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (fixed for dense and pruned)")
+    ap.add_argument("--seconds", type=float, default=60.0, help="max seconds of timing per model pair")
+    ap.add_argument("--allocation", default="uniform", choices=["uniform", "global"])
+    ap.add_argument("--profile-ops", action="store_true", help="also break latency down by ONNX op type")
+    ap.add_argument("--out", type=Path, default=None, help="write the markdown here")
+    ap.add_argument("--json", type=Path, default=None, help="raw results as JSON")
+    args = ap.parse_args()
+    started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    mach = machine()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            print(f"== {name}", file=sys.stderr)
+            rows.append(bench_model(name, args.threads, args.seconds, args.allocation, args.profile_ops,
+                                    Path(tmp)))
+            print(table(rows[-1:]), file=sys.stderr)
+    cmd = "python bench/speedup.py " + " ".join(sys.argv[1:])
+    md = [f"Date: {started}. Machine: {mach}. ORT threads: {args.threads} (intra-op), sequential, "
+          f"all graph optimisations. Allocation: {args.allocation}. Command: `{cmd}`", "", table(rows)]
+    if args.profile_ops:
+        md += ["", *[op_table(r) + "\n" for r in rows]]
+    text = "\n".join(md)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1, default=str))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
