@@ -7,6 +7,7 @@ so the two counters agree on the same model (tested on the zoo in tests/test_ing
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import onnx
@@ -70,16 +71,61 @@ def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
     return default
 
 
-def onnx_macs(model: onnx.ModelProto, input_shape: list[int] | None) -> int:
-    """MACs of Conv/ConvTranspose/Gemm/MatMul from shapes inferred with the first input fixed to `input_shape`.
+_HEAVY = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
-    Ops whose shapes cannot be inferred count 0 (a lower bound rather than a guess).
+
+def _heavy_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.domain in ("", "ai.onnx") and n.op_type in _HEAVY]
+
+
+def _runtime_shapes(
+    model: onnx.ModelProto, fixed_shapes: dict[str, list[int]], wanted: set[str]
+) -> dict[str, list[int]]:
+    """Exact shapes by running ONNX Runtime once on zeros with the `wanted` values exposed as outputs.
+
+    Static inference gives up on shape arithmetic around a dynamic batch (channel shuffle, attention
+    head reshapes of the TorchScript exporter); one batch-1 run is cheap and always right.
+    """
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import helper
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    for name in sorted(wanted - existing):
+        probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every value alive
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = {}
+    for value in session.get_inputs():
+        shape = fixed_shapes.get(value.name) or [d if isinstance(d, int) else 1 for d in value.shape]
+        dtype = np.float32 if "float" in value.type else np.int64
+        feeds[value.name] = np.zeros(shape, dtype=dtype)
+    names = [o.name for o in session.get_outputs()]
+    return {name: list(np.asarray(v).shape) for name, v in zip(names, session.run(None, feeds), strict=True)}
+
+
+def onnx_macs(model: onnx.ModelProto, input_shape: list[int] | None) -> int:
+    """MACs of Conv/ConvTranspose/Gemm/MatMul at the first input fixed to `input_shape` (batch 1 by default).
+
+    Shapes come from ONNX shape inference; when it cannot resolve a heavy op (shape arithmetic on a
+    dynamic batch), from one ONNX Runtime run on zeros.
     """
     shapes = _static_shapes(model, input_shape)
+    heavy = _heavy_nodes(model)
+    needed = {name for n in heavy for name in (*n.input[:2], n.output[0]) if name}
+    if not needed.issubset(shapes):
+        init_names = {t.name for t in model.graph.initializer}
+        fixed = {name: shape for name, shape in shapes.items() if name in {i.name for i in model.graph.input}}
+        fixed = {k: v for k, v in fixed.items() if k not in init_names}
+        # Best effort: a graph ORT cannot run counts only what static inference resolved.
+        with contextlib.suppress(Exception):
+            shapes.update(_runtime_shapes(model, fixed, needed - set(shapes)))
     total = 0
-    for node in model.graph.node:
-        if node.domain not in ("", "ai.onnx"):
-            continue
+    for node in heavy:
         ins = [shapes.get(name) for name in node.input]
         out = shapes.get(node.output[0]) if node.output else None
         if node.op_type == "Conv" and ins[1] is not None and out is not None:

@@ -5,7 +5,7 @@ MatMul-with-a-constant-weight into `matmul(x, buffer)`, which neither Torch-Prun
 see as a layer. Everything here is registered through onnx2torch's registry on import:
 
 * **new converters** (`add_converter`): Reduce* v18/v20 (axes as an input), Split v18 (`num_outputs`),
-  Pad v18+ (optional `axes` input), and version aliases for ops whose newer versions only widened
+  Pad v18+ (optional `axes` input), Gelu v20, and version aliases for ops whose newer versions only widened
   their type lists (Cast 19/21, Shape 19/21, Reshape 19/21, ...).
 * **overrides** (the registry refuses duplicates, so we replace the entry in its table, documented
   here and nowhere else): MatMul and Gemm with a constant 2-D weight become `nn.Linear`; Reshape
@@ -32,6 +32,7 @@ from onnx2torch.utils.common import (
     get_const_value,
     onnx_mapping_from_node,
 )
+from onnx2torch.utils.custom_export_to_onnx import DefaultExportToOnnx, OnnxToTorchModuleWithCustomExport
 from torch import nn
 
 Converter = Callable[[OnnxNode, OnnxGraph], OperationConverterResult]
@@ -188,11 +189,19 @@ def _pad_v18(base: Converter) -> Converter:
 # --------------------------------------------------------------------------- Reshape allowzero
 
 
-class ReshapeAllowZero(nn.Module, OnnxToTorchModule):
-    """Reshape with allowzero=1: a 0 in `shape` is a real zero-sized dim, not "copy the input's dim"."""
+class ReshapeAllowZero(nn.Module, OnnxToTorchModuleWithCustomExport):
+    """Reshape with allowzero=1: a 0 in `shape` is a real zero-sized dim, not "copy the input's dim".
+
+    Exported back as an ONNX Reshape node (not traced constants) so a dynamic batch survives re-export.
+    """
 
     def forward(self, x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
-        return torch.reshape(x, [int(s) for s in shape.tolist()])
+        def _forward() -> torch.Tensor:
+            return torch.reshape(x, [int(s) for s in shape.tolist()])
+
+        if torch.onnx.is_in_onnx_export():
+            return DefaultExportToOnnx.export(_forward, "Reshape", x, shape, {"allowzero_i": 1})
+        return _forward()
 
 
 def convert_reshape(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
@@ -256,6 +265,17 @@ def convert_gemm(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
     return _ORIGINAL["Gemm"](node, graph)
 
 
+# --------------------------------------------------------------------------- Gelu v20
+
+
+def convert_gelu(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    """Gelu (opset 20; the dynamo exporter emits it for nn.GELU) is torch's GELU with the same `approximate`."""
+    approximate = node.attributes.get("approximate", "none")
+    if approximate not in ("none", "tanh"):
+        raise NotImplementedError(f"Gelu with approximate={approximate!r}")
+    return OperationConverterResult(nn.GELU(approximate=approximate), onnx_mapping_from_node(node))
+
+
 # --------------------------------------------------------------------------- registration
 
 _ORIGINAL: dict[str, Converter] = {}
@@ -282,6 +302,7 @@ def register_all() -> None:
             if defs.get_schema(op_type, max_inclusive_version=version, domain="").since_version == version:
                 _register(op_type, version, convert_reduce_v18)
     _register("Split", 18, convert_split_v18)
+    _register("Gelu", 20, convert_gelu)
     pad13 = _lookup("Pad", 13)
     assert pad13 is not None, "onnx2torch lost its Pad-13 converter"
     for version in (18, 19, 21):

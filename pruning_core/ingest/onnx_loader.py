@@ -114,17 +114,25 @@ def to_torch(model: onnx.ModelProto) -> fx.GraphModule:
 
 
 def ort_reference(model: onnx.ModelProto) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
-    """ONNX Runtime (CPU) on the original, un-normalised graph: the ground truth the user exported."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise ModelRejected(f"ONNX Runtime cannot load the model: {exc}") from exc
-    names = [i.name for i in session.get_inputs()]
+    """ONNX Runtime (CPU) on the original, un-normalised graph: the ground truth the user exported.
+
+    The session is created on first use, so conversion errors (which name the op) come first.
+    """
+    sessions: list[ort.InferenceSession] = []
 
     def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
+        if not sessions:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 2
+            options.log_severity_level = 3
+            try:
+                sessions.append(
+                    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+                )
+            except Exception as exc:
+                raise ModelRejected(f"ONNX Runtime cannot load the model: {exc}") from exc
+        session = sessions[0]
+        names = [i.name for i in session.get_inputs()]
         try:
             return [np.asarray(o) for o in session.run(None, dict(zip(names, inputs, strict=True)))]
         except Exception as exc:
