@@ -1,0 +1,45 @@
+"""SMART knobs in one place, with the defaults that worked on the digits benchmark (bench/quality.py).
+
+Defaults follow the reference experiment recorded in shared/papers/smart-pruner.md (SMART, Ding et al.,
+arXiv 2403.19969; the paper does not publish its schedule values).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass
+class SmartConfig:
+    # --- phases: dense start -> soft (joint w + scores, tau anneals) -> hard top-k -> fine-tune ---
+    soft_fraction: float = 2 / 3  # share of the step budget spent in the soft phase; the rest fine-tunes
+    # --- temperature (tau) schedule: exponential from tau_start to tau_end over the soft phase ---
+    tau_start: float = 1.0  # scores are standardised, so tau = 1 makes the initial mask smooth (0.1 was worse)
+    tau_end: float = 1e-3  # at this tau the soft mask is practically the hard top-k indicator
+    tau_min: float = 1e-6  # floor for the escape rule's extra shrinking (numerical safety)
+    # --- escape rule for non-sparse local minima (dynamic temperature) ---
+    escape_after: float = 0.5  # active in the second half of the soft phase only
+    fractional_band: tuple[float, float] = (0.05, 0.95)  # a mask entry strictly inside is "fractional"
+    fractional_limit: float = 0.01  # more than 1% fractional entries at a step -> shrink tau faster
+    escape_factor: float = 0.9  # ... by multiplying a persistent tau correction by this
+    # --- scores ---
+    score_lr: float = 0.03  # Adam on scores; gradients scale as 1/tau, so SGD is unusable and 3e-3 barely moves
+    score_betas: tuple[float, float] = (0.9, 0.999)
+    score_init: str = "global"  # "global": norms/sqrt(size) standardised over all units (keeps magnitude order)
+    #                             "unit": standardised per unit (scale-free layers, e.g. BN-followed channels)
+    # --- hard phase: masks stay parametrizations (w * mask), so Adam momentum cannot revive pruned weights ---
+    device: str | None = None  # None: wherever the model lives (CUDA on the GPU worker, CPU otherwise)
+    log_every: int = 10  # progress callback period (steps); the history keeps every step
+
+    def __post_init__(self) -> None:
+        assert 0.0 < self.soft_fraction < 1.0, f"soft_fraction must be in (0, 1), got {self.soft_fraction}"
+        assert self.tau_start >= self.tau_end > 0, f"need tau_start >= tau_end > 0: {self.tau_start}, {self.tau_end}"
+        assert 0 < self.escape_factor < 1, f"escape_factor must be in (0, 1), got {self.escape_factor}"
+        lo, hi = self.fractional_band
+        assert 0 < lo < hi < 1, f"fractional_band must satisfy 0 < lo < hi < 1, got {self.fractional_band}"
+        assert self.score_init in ("global", "unit"), f"score_init must be 'global' or 'unit', got {self.score_init!r}"
+        assert self.score_lr > 0, f"score_lr must be positive, got {self.score_lr}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
