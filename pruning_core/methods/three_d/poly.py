@@ -9,7 +9,8 @@ With R = 1 the model is identifiable from one pruning chain per axis plus the un
 one factor up to scale, the point (1, 1, 1) pins the scale); R >= 2 also needs combined samples. Fitting is
 alternating least squares: with two factors fixed, F is linear in the third factor's coefficients (of all R
 terms at once), so each half-step is an exact ridge-regularised least-squares solve. Several random restarts,
-the best training error wins.
+the best training error wins. ALS is slow in the "swamps" of rank >= 2 fits, so each restart ends with a
+trust-region least-squares refinement (scipy `least_squares`) of all coefficients at once.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy.optimize import least_squares
 
 
 @dataclass
@@ -65,7 +67,7 @@ def _sse(model: LowRankPoly, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def fit_low_rank(x: np.ndarray, y: np.ndarray, degree: int = 2, rank: int = 1, ridge: float = 1e-8,
-                 iters: int = 2000, restarts: int = 8, seed: int = 0) -> LowRankPoly:
+                 iters: int = 200, restarts: int = 8, seed: int = 0) -> LowRankPoly:
     """Least-squares fit of F to samples x [N, 3] (d, w, r) and y [N] by alternating least squares.
 
     `ridge` is a tiny Tikhonov term: it only picks one solution when a half-step is underdetermined
@@ -101,11 +103,25 @@ def fit_low_rank(x: np.ndarray, y: np.ndarray, degree: int = 2, rank: int = 1, r
             if np.isfinite(prev) and prev - err <= 1e-13 * max(1.0, prev):
                 break
             prev = err
+        model = _refine(model, x, y)
         err = _sse(model, x, y)
         if err < best_err:
             best, best_err = LowRankPoly(degree, rank, model.coef.copy()), err
     assert best is not None
     return best
+
+
+def _refine(model: LowRankPoly, x: np.ndarray, y: np.ndarray) -> LowRankPoly:
+    """Trust-region least squares on all coefficients, started from the ALS solution; never worse than it."""
+    shape = model.coef.shape
+
+    def residual(c: np.ndarray) -> np.ndarray:
+        return LowRankPoly(model.degree, model.rank, c.reshape(shape)).predict(x) - y
+
+    sol = least_squares(residual, model.coef.ravel(), method="trf", xtol=1e-15, ftol=1e-15, gtol=1e-15,
+                        max_nfev=2000)
+    refined = LowRankPoly(model.degree, model.rank, _balance(sol.x.reshape(shape)))
+    return refined if _sse(refined, x, y) <= _sse(model, x, y) else model
 
 
 def fit_error(model: LowRankPoly, x: np.ndarray, y: np.ndarray) -> dict[str, float | int]:

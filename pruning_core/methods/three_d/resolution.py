@@ -49,7 +49,10 @@ def resize(x: Tensor, size: tuple[int, int]) -> Tensor:
 
 @torch.no_grad()
 def stride_product(model: nn.Module, example_input: Tensor) -> int:
-    """Input height / smallest 4-D feature-map height in the graph (1 when unknown)."""
+    """Input height / smallest 4-D feature-map height above 1 in the graph (1 when unknown).
+
+    Heights of 1 are skipped: they are the outputs of global pooling, which has no stride to respect.
+    """
     if example_input.ndim != 4 or not isinstance(model, fx.GraphModule):
         return 1
     was = model.training
@@ -63,6 +66,7 @@ def stride_product(model: nn.Module, example_input: Tensor) -> int:
     heights = [
         int(m.shape[2]) for n in model.graph.nodes
         if (m := n.meta.get("tensor_meta")) is not None and hasattr(m, "shape") and len(m.shape) == 4
+        and int(m.shape[2]) > 1
     ]
     smallest = min(heights, default=example_input.shape[2])
     return max(1, example_input.shape[2] // max(smallest, 1))
@@ -95,18 +99,18 @@ def round_size(h: int, w: int, r: float, multiple: int) -> tuple[int, int]:
     return (min(h, one(h)), min(w, one(w)))
 
 
-def candidate_sizes(model: nn.Module, example_input: Tensor, min_ratio: float = 0.25) -> list[tuple[int, int]]:
+def candidate_sizes(model: nn.Module, example_input: Tensor, min_ratio: float = 0.25) -> list[tuple[int, ...]]:
     """Accepted sizes from the full size down to `min_ratio` of it, largest first; [full] if none smaller.
 
     Non-4-D inputs (sequences, features) have no resolution axis: only the full size comes back.
     """
     if example_input.ndim != 4:
-        return [tuple(example_input.shape[-2:])]  # type: ignore[list-item]
+        return [tuple(example_input.shape[-2:])]
     h, w = int(example_input.shape[2]), int(example_input.shape[3])
     m = size_multiple(model, example_input)
-    sizes: list[tuple[int, int]] = [(h, w)]
+    sizes: list[tuple[int, ...]] = [(h, w)]
     for hh in range(h - 1, 0, -1):
         s = round_size(h, w, hh / h, m)
         if s[0] == hh and s not in sizes and hh >= min_ratio * h:
             sizes.append(s)
-    return [s for s in sizes if s == (h, w) or accepts(model, example_input, s)]
+    return [s for s in sizes if s == (h, w) or accepts(model, example_input, (s[0], s[1]))]

@@ -33,15 +33,23 @@ class WidthResult:
     total: int  # channels in all prunable groups before this step
 
 
-def kept_counts(model: nn.Module, example_input: Tensor, keep: float, profile: AcceleratorProfile,
-                min_keep: float = 0.05) -> tuple[int, int]:
-    """(kept, total) channels `prune_width(keep)` would leave, without touching the model (for the solver)."""
-    plan = build_plan(model, example_input, "channel", profile)
-    if not plan.units or keep >= 1.0:
-        total = sum(u.num_groups for u in plan.units)
-        return total, total
-    masks = plan.select(magnitude_scores(plan), 1.0 - keep, "uniform", min_keep)
-    return int(sum(float(m.sum()) for m in masks)), sum(u.num_groups for u in plan.units)
+def kept_counts(model: nn.Module, example_input: Tensor, keeps: Sequence[float], profile: AcceleratorProfile,
+                min_keep: float = 0.05) -> dict[float, tuple[int, int]]:
+    """keep -> (kept, total) channels `prune_width(keep)` would leave, without touching the model (for the solver).
+
+    One plan serves every keep: the counts depend only on the group sizes and the rounding rules.
+    """
+    plan = build_plan(copy.deepcopy(model), example_input, "channel", profile)
+    total = sum(u.num_groups for u in plan.units)
+    scores = magnitude_scores(plan)
+    out: dict[float, tuple[int, int]] = {}
+    for keep in keeps:
+        if not plan.units or keep >= 1.0:
+            out[keep] = (total, total)
+            continue
+        masks = plan.select(scores, 1.0 - keep, "uniform", min_keep)
+        out[keep] = (int(sum(float(m.sum()) for m in masks)), total)
+    return out
 
 
 def prune_width(model: nn.Module, example_input: Tensor, keep: float, profile: AcceleratorProfile,
