@@ -60,6 +60,7 @@ def export_onnx(
     opset: int = 17,
     slim: bool = True,
     check: ExportCheck | None = None,
+    exporters: tuple[str, ...] = ("torchscript", "dynamo"),  # tried in this order
 ) -> None:
     """Write `module` to `path` as ONNX and prove the file is usable (see module docstring).
 
@@ -82,14 +83,16 @@ def export_onnx(
             expected = _first_output(module(probe)).numpy()
         errors: list[str] = []
         model: onnx.ModelProto | None = None
-        for dynamo in (False, True):
+        for exporter in exporters:
+            assert exporter in ("torchscript", "dynamo"), f"unknown exporter {exporter!r}"
+            dynamo = exporter == "dynamo"
             try:
                 candidate = _export(module, example, input_names, output_names, dynamic_batch, opset, dynamo)
                 _validate(candidate, module, probe, expected, input_names, output_names, dynamic_batch, check)
                 model = candidate
                 break
             except Exception as e:  # exporter internals raise anything; keep the reason for the message
-                errors.append(f"{'dynamo' if dynamo else 'torchscript'} exporter: {type(e).__name__}: {e}")
+                errors.append(f"{exporter} exporter: {type(e).__name__}: {e}")
                 log.info("ONNX export attempt failed: %s", errors[-1])
         if model is None:
             raise ExportFailed("could not export the pruned model to ONNX; " + " | ".join(errors))

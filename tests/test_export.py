@@ -138,6 +138,20 @@ def test_transposed_matmul_weight_pattern_found(tmp_path: Path) -> None:
     assert zero_pattern_mismatches(m, out) == []
 
 
+def test_dynamo_exporter_path_keeps_the_contract(tmp_path: Path) -> None:
+    """The fallback exporter (torch.export, opset 18) must give the same guarantees."""
+    m = _sparse_small()
+    out = tmp_path / "dyn.onnx"
+    export_onnx(m, out, [1, 3, 8, 8], ["pixels"], ["scores"], exporters=("dynamo",))
+    model = onnx.load(str(out))
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 18
+    assert [i.name for i in model.graph.input] == ["pixels"] and [o.name for o in model.graph.output] == ["scores"]
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    x = torch.randn(4, 3, 8, 8)
+    np.testing.assert_allclose(run_onnx(out, x.numpy()), m(x).detach().numpy(), atol=ATOL)
+    assert zero_pattern_mismatches(m, model) == []
+
+
 def test_mismatch_detected_when_a_zero_is_lost(tmp_path: Path) -> None:
     m = _sparse_small()
     out = tmp_path / "m.onnx"
