@@ -1,0 +1,166 @@
+"""SMART end to end on tiny models: exact budgets, N:M on a TransformerEncoder, ONNX export of the result."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from pruning_core.data import TrainData
+from pruning_core.geometry import build_plan
+from pruning_core.geometry.block import BlockUnit
+from pruning_core.methods.smart import SmartConfig, SmartPruner, init_scores, run_smart
+from pruning_core.spec import PruneSpec
+
+torch.set_num_threads(1)
+
+
+def tiny_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    ).eval()
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(8, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x.flatten(1, 2))).mean(1))
+
+
+def data(n: int = 64) -> TrainData:
+    g = torch.Generator().manual_seed(0)
+    return TrainData(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g), "labelled", "t")
+
+
+X = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def smart(model: nn.Module, gran: str, accel: str | dict, sparsity: float = 0.75, steps: int = 9):
+    teacher = copy.deepcopy(model)
+    spec = PruneSpec(method="smart", granularity=gran, accelerator=accel, target_sparsity=sparsity, steps=steps,
+                     batch_size=8, lr=1e-3, min_keep=0.05)
+    plan = build_plan(model, X, gran, spec.profile)
+    return plan, run_smart(model, teacher, plan, spec, data(), None)
+
+
+def onnx_run(module: nn.Module, path: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    torch.onnx.export(module.eval(), (X,), path, dynamo=False, input_names=["x"], output_names=["y"])
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"x": X.numpy()})[0]
+    inits = [numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer]
+    return out, inits
+
+
+def test_block_keeps_exactly_k_tiles_and_exports_with_zero_tiles(tmp_path) -> None:
+    model = tiny_cnn()
+    plan, res = smart(model, "block", {"block_shape": [1, 4]})
+    total = sum(u.num_groups for u in plan.units)
+    kept = sum(int(m.sum()) for m in res.hard_masks)
+    assert kept == round(0.25 * total)  # the global budget, exactly
+    convs = []
+    for u, m in zip(plan.units, res.hard_masks, strict=True):
+        assert isinstance(u, BlockUnit)
+        w = u.module.weight.detach()
+        dropped = u.expand(1 - m).reshape(w.shape).bool()
+        assert bool((w[dropped] == 0).all()), f"{u.name}: a dropped tile has non-zero weights"
+        assert bool((w[~dropped] != 0).all()), f"{u.name}: a kept tile lost weights"
+        if w.dim() == 4:
+            convs.append(w)
+    with torch.no_grad():
+        expected = res.module(X).numpy()
+    out, inits = onnx_run(res.module, str(tmp_path / "block.onnx"))
+    # float32 conv/BN-fusion rounding on O(1) logits: 1e-4 absolute is far below any pruning change
+    np.testing.assert_allclose(out, expected, atol=1e-4)
+    for w in convs:  # BN folding scales rows, so zero positions must survive the export exactly
+        zero = (w == 0).numpy()
+        assert any(a.shape == w.shape and np.array_equal(a == 0, zero) for a in inits), "zero pattern lost in ONNX"
+
+
+def test_channel_removes_exactly_k_channels_physically(tmp_path) -> None:
+    model = tiny_cnn()
+    dense_params = sum(p.numel() for p in model.parameters())
+    plan, res = smart(model, "channel", {"channel_multiple": 1}, sparsity=0.5)
+    total = sum(u.num_groups for u in plan.units)
+    kept = [int(m.sum()) for m in res.hard_masks]
+    assert sum(kept) == round(0.5 * total)
+    convs = [m for m in res.module.modules() if isinstance(m, nn.Conv2d)]
+    bns = [m for m in res.module.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert [c.out_channels for c in convs[:2]] == [bn.num_features for bn in bns]  # BN removed with its conv
+    assert sorted(kept) == sorted(c.out_channels for c in convs)  # one unit per conv, physically that size
+    assert sum(p.numel() for p in res.module.parameters()) < dense_params
+    with torch.no_grad():
+        expected = res.module(X).numpy()
+    out, inits = onnx_run(res.module, str(tmp_path / "channel.onnx"))
+    assert out.shape == (1, 10)
+    np.testing.assert_allclose(out, expected, atol=1e-4)  # same float32 tolerance as above
+    shapes = {a.shape for a in inits}
+    for c in convs:
+        assert tuple(c.weight.shape) in shapes, f"ONNX lacks the smaller conv weight {tuple(c.weight.shape)}"
+
+
+def test_nm_on_transformer_encoder_keeps_n_per_run(tmp_path) -> None:
+    model = TinyTransformer().eval()
+    plan, res = smart(model, "nm", "gpu-2of4")
+    assert plan.units, "the TransformerEncoder's Linear layers must be N:M units"
+    for u in plan.units:
+        w = u.module.weight.detach()
+        nz = (w != 0).reshape(w.shape[0], -1, 4).sum(-1)
+        assert bool((nz == 2).all()), f"{u.name}: not exactly 2 non-zeros in every run of 4"
+    names = {u.name for u in plan.units}
+    assert {"encoder.layers.0.linear1", "encoder.layers.0.linear2", "encoder.layers.0.self_attn.out_proj"} <= names
+    with torch.no_grad():
+        expected = res.module(X).numpy()
+    out, _ = onnx_run(res.module, str(tmp_path / "nm.onnx"))
+    np.testing.assert_allclose(out, expected, atol=1e-4)
+
+
+def test_soft_phase_trains_scores_and_anneals() -> None:
+    model = tiny_cnn()
+    _plan, res = smart(model, "block", "npu-4x4", steps=12)
+    soft = [h for h in res.history if h["phase"] == 0]
+    assert len(res.history) == 12 and len(soft) == res.info["soft_steps"] == 8
+    assert [h["step"] for h in res.history] == list(range(12))
+    assert all(b["tau"] < a["tau"] for a, b in itertools.pairwise(soft))
+    assert soft[0]["tau"] == 1.0 and soft[-1]["tau"] <= 1e-3
+    assert soft[-1]["fractional"] < soft[0]["fractional"]  # the mask hardens as tau falls
+
+
+def test_scores_get_gradients_and_start_as_magnitude() -> None:
+    model = tiny_cnn()
+    plan = build_plan(model, X, "block", PruneSpec(accelerator="npu-4x4", granularity="block").profile)
+    pruner = SmartPruner(plan, 0.75, soft_steps=10, config=SmartConfig())
+    (scores,) = pruner.prepare()
+    norms = [u.group_norms() / u.group_sizes().sqrt() for u in plan.units]
+    # step 0 of SMART is global magnitude pruning: same hard selection from init scores and from norms
+    by_scores = plan.select(pruner.unit_scores(), 0.75, "global", 0.05)
+    by_norms = plan.select(norms, 0.75, "global", 0.05)
+    assert all(torch.equal(a, b) for a, b in zip(by_scores, by_norms, strict=True))
+    assert torch.allclose(scores.detach(), init_scores(plan.units, "global"))
+    pruner.soft_step(0)
+    model.train()
+    model(data().inputs[:8]).logsumexp(1).mean().backward()
+    assert scores.grad is not None and torch.isfinite(scores.grad).all() and float(scores.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0])
+def test_config_rejects_impossible_soft_fraction(bad: float) -> None:
+    with pytest.raises(AssertionError, match="soft_fraction"):
+        SmartConfig(soft_fraction=bad)
