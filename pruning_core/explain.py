@@ -147,7 +147,9 @@ def explain(
         model = "dense hardware, compute-bound: time ~ Conv/Linear MACs, so speedup = dense MACs / pruned MACs"
         quotient = measured / ideal if ideal > 0 else float("nan")
         out["quotient"] = round(quotient, 4)
-        why = (f"Channels were physically removed, so every runtime executes smaller GEMMs: MACs fell "
+        what = ("Channels were physically removed" if g == "channel" else
+                f"The network itself got smaller ({granularity}: channels, blocks or input resolution removed)")
+        why = (f"{what}, so every runtime executes smaller GEMMs: MACs fell "
                f"{_f(ideal)}, and the runtime realised {quotient:.0%} of that.")
         if quotient < cm.good_quotient:
             why += (" The gap comes from work that does not shrink with the MAC count: pooling, activations "

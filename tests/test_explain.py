@@ -84,6 +84,14 @@ def test_channel_quotient_and_reasons() -> None:
     assert "memory-bound" not in good["summary"]
 
 
+def test_3d_is_explained_as_a_smaller_network() -> None:
+    e = explain("channel+depth+resolution", BUILTIN_PROFILES["cpu"], LAYERS, {"dense": 1000, "pruned": 400},
+                _lat(10.0, 4.0), "CPUExecutionProvider")
+    assert e["estimated_accelerator_speedup"] == pytest.approx(2.5)
+    assert e["quotient"] == pytest.approx(1.0)
+    assert "network itself got smaller" in e["summary"] and "memory-bound" not in e["summary"]
+
+
 def test_inline_profile_and_custom_cost_model() -> None:
     prof = resolve_profile({"block_shape": [2, 2]})
     e = explain("block", prof, LAYERS, {"dense": 1000, "pruned": 1000}, _lat(1.0, 1.0), "CPUExecutionProvider",
