@@ -80,7 +80,7 @@ def serve(
     mode = "embedded worker" if settings.embedded else f"jobs go to {settings.broker_url}"
     typer.echo(f"hwprune API on http://{host}:{port}  (docs: http://{host}:{port}/docs; {mode}; "
                f"data in {settings.data_dir.resolve()})")
-    key = _first_key(settings)
+    key = _first_key(settings) if settings.embedded else None  # scaled: `hwprune keys create`, not logs
     if key:
         typer.echo("first API key (tenant 'default'; shown once, store it now):")
         typer.echo(key)
