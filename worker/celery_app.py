@@ -28,6 +28,7 @@ def make_celery(settings: Settings) -> Celery:
         task_default_queue=MEASURE_QUEUE,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
+        worker_proc_alive_timeout=120,  # pool processes import torch at start (worker/tasks.py _preload)
     )
     return app
 

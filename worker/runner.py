@@ -134,9 +134,6 @@ def _run_guarded(ctx: TaskContext, job_id: str, tracker: RowProgress, body: Call
 
 
 def run_prune(ctx: TaskContext, job_id: str) -> None:
-    from pruning_core.pipeline import prune_stage
-    from pruning_core.spec import PruneSpec
-
     with transaction(ctx.factory) as s:
         job = rows.claim_prune(s, job_id, ctx.worker_name)
         if job is None:
@@ -149,6 +146,9 @@ def run_prune(ctx: TaskContext, job_id: str) -> None:
     work_dir = ctx.store.job_dir(tenant_id, job_id)
 
     def body() -> None:
+        from pruning_core.pipeline import prune_stage  # torch & co: imported once per worker process
+        from pruning_core.spec import PruneSpec
+
         spec = PruneSpec.from_dict(spec_d)
         work_dir.mkdir(parents=True, exist_ok=True)
         data_path = ctx.store.dataset_path(tenant_id, dataset_id) if dataset_id else None
@@ -198,8 +198,6 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_measure(ctx: TaskContext, job_id: str) -> None:
-    from pruning_core.pipeline import measure_stage
-
     with transaction(ctx.factory) as s:
         job = rows.claim_measure(s, job_id, ctx.worker_name)
         if job is None:
@@ -214,6 +212,8 @@ def run_measure(ctx: TaskContext, job_id: str) -> None:
     result: dict[str, Any] = {}
 
     def body() -> None:
+        from pruning_core.pipeline import measure_stage
+
         result.update(measure_stage(ctx.store.job_dir(tenant_id, job_id), tracker.as_progress()))
 
     if _run_guarded(ctx, job_id, tracker, body, ctx.settings.measure_time_limit_s):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 from functools import lru_cache
+from typing import Any
+
+from celery.signals import worker_process_init
 
 from db.artifacts import ArtifactStore
 from db.jobs import MEASURE_QUEUE, MEASURE_TASK, PRUNE_TASK
@@ -25,6 +28,15 @@ def _context() -> TaskContext:
         factory=make_session_factory(engine), store=ArtifactStore(settings.data_dir), settings=settings,
         enqueue_measure=lambda job_id: measure_task.apply_async(args=[job_id], queue=MEASURE_QUEUE),
     )
+
+
+@worker_process_init.connect
+def _preload(**_: Any) -> None:
+    """Import the pipeline (torch, onnx, onnxruntime) when a pool process starts, not when its first job
+    arrives, so submission-to-pickup time does not include seconds of imports."""
+    import pruning_core.pipeline  # noqa: F401
+
+    _context()
 
 
 @celery_app.task(name=PRUNE_TASK, soft_time_limit=get_settings().job_soft_time_limit_s,
