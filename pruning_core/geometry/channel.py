@@ -112,9 +112,99 @@ class ChannelUnit(PruningUnit):
         return len(drop)
 
 
-def build_dependency_graph(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) -> tp.DependencyGraph:
-    with torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+class _BarrierPruner:
+    """Torch-Pruning handler for a layout op that splits or interleaves channels (channel shuffle).
+
+    Its in- and out-channel functions differ, so a group stops at it instead of flowing through (the
+    index mapping of a shuffle is not something Torch-Pruning models; on converted graphs its traversal
+    does not even terminate); a group that reaches a barrier is then marked unprunable.
+    """
+
+    def prune_out_channels(self, layer: nn.Module, idxs: list[int]) -> nn.Module:
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs: list[int]) -> nn.Module:
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> None:
+        return None
+
+    def get_in_channels(self, layer: nn.Module) -> None:
+        return None
+
+    def get_in_channel_groups(self, layer: nn.Module) -> int:
+        return 1
+
+    def get_out_channel_groups(self, layer: nn.Module) -> int:
+        return 1
+
+
+_BARRIER_CLASSES: dict[type, type] = {}
+
+
+def _barrier_class(cls: type) -> type:
+    if cls not in _BARRIER_CLASSES:
+        _BARRIER_CLASSES[cls] = type(f"ChannelBarrier{cls.__name__}", (cls,), {})
+    return _BARRIER_CLASSES[cls]
+
+
+def _splits_channels(x: Tensor, y: Tensor) -> bool:
+    """A reshape/transpose that moves the channel dim (N, C, ...) into another layout.
+
+    Flatten-like (N, C*...) and unsqueeze/squeeze that keep (N, C) leading are fine: Torch-Pruning maps them.
+    """
+    if x.dim() < 2 or y.numel() != x.numel() or y.shape == x.shape:
+        return False
+    if y.dim() == 2 and y.shape[0] == x.shape[0]:
+        return False
+    return not (y.dim() >= 2 and tuple(y.shape[:2]) == tuple(x.shape[:2]))
+
+
+def find_channel_barriers(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) -> dict[nn.Module, str]:
+    """Leaf modules (converted-graph ops) that reshape or transpose channels away from dim 1."""
+    names = {m: n for n, m in model.named_modules()}
+    found: dict[nn.Module, str] = {}
+
+    def hook(m: nn.Module, inputs: tuple[object, ...], out: object) -> None:
+        x = next((i for i in inputs if isinstance(i, Tensor) and i.is_floating_point()), None)
+        if x is not None and isinstance(out, Tensor) and _splits_channels(x, out):
+            found[m] = names[m]
+
+    leaves = [m for m in model.modules() if not list(m.children()) and not list(m.parameters(recurse=False))]
+    hooks = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.no_grad():
+            model(*(example_input if isinstance(example_input, tuple) else (example_input,)))
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def build_dependency_graph(model: nn.Module, example_input: Tensor | tuple[Tensor, ...],
+                           barriers: dict[nn.Module, str]) -> tp.DependencyGraph:
+    """Torch-Pruning's graph with `barriers` as group boundaries (their classes are swapped while tracing)."""
+    original = {m: m.__class__ for m in barriers}
+    pruner = _BarrierPruner()
+    custom = {}
+    for m, cls in original.items():
+        m.__class__ = _barrier_class(cls)
+        custom[m.__class__] = pruner
+    try:
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False,
+                                                         customized_pruners=custom)
+    finally:
+        for m, cls in original.items():
+            m.__class__ = cls
+
+
+def barrier_in_group(group: tp.dependency.Group, barriers: dict[nn.Module, str]) -> str | None:
+    for item in group:
+        mod = item.dep.target.module
+        if isinstance(mod, nn.Module) and mod in barriers:
+            return barriers[mod]
+    return None
 
 
 def channel_groups(dg: tp.DependencyGraph) -> list[tuple[nn.Module, tp.dependency.Group]]:

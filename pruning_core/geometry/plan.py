@@ -21,8 +21,10 @@ from pruning_core.errors import HwpruneError, InvalidRequest
 from pruning_core.geometry.block import BlockUnit
 from pruning_core.geometry.channel import (
     ChannelUnit,
+    barrier_in_group,
     build_dependency_graph,
     channel_groups,
+    find_channel_barriers,
     touches_output,
 )
 from pruning_core.geometry.masking import MaskFn, add_mask, raw_tensor, remove_masks
@@ -224,7 +226,8 @@ def _channel_units(model: nn.Module, example_input: Tensor | tuple[Tensor, ...],
                    all_layers: dict[str, nn.Module], outputs: set[str], overrides: Mapping[str, str],
                    ) -> tuple[list[PruningUnit], list[LayerRecord]]:
     names = {m: n for n, m in model.named_modules()}
-    dg = build_dependency_graph(model, example_input)
+    barriers = find_channel_barriers(model, example_input)
+    dg = build_dependency_graph(model, example_input, barriers)
     mult = profile.channel_multiple
     units: list[PruningUnit] = []
     decided: dict[str, tuple[bool, str]] = {}
@@ -234,8 +237,12 @@ def _channel_units(model: nn.Module, example_input: Tensor | tuple[Tensor, ...],
         coupled = f"{len(layers)} coupled layer{'s' if len(layers) != 1 else ''}"
         reason = ""
         kept_layers = [n for n in layers if overrides.get(n) == "keep"]
+        barrier = barrier_in_group(group, barriers)
         if touches_output(dg, group) or any(n in outputs for n in layers):
             reason = "produces a model output: keeps its output channels (classifier keeps its classes)"
+        elif barrier is not None:
+            reason = (f"channels pass through {barrier}, a reshape/transpose that interleaves channels "
+                      "(channel shuffle); its constant shape cannot follow channel removal, so kept")
         elif kept_layers:
             reason = f"override: keep ({', '.join(kept_layers)} in this channel group)"
         elif unit.num_groups <= mult:
