@@ -69,8 +69,10 @@ def export_onnx(
     """
     check = check or ExportCheck()
     path = Path(path)
-    assert len(input_names) == 1, f"one model input supported, got {input_names}"
-    assert input_shape and all(d > 0 for d in input_shape), f"concrete input shape needed, got {input_shape}"
+    if len(input_names) != 1:
+        raise ExportFailed(f"export supports models with exactly one input, this one has {input_names}")
+    if not input_shape or any(d <= 0 for d in input_shape):
+        raise ExportFailed(f"export needs a concrete input shape like 1,3,224,224, got {input_shape}")
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = module.training
     module.eval()
