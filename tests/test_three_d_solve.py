@@ -49,3 +49,15 @@ def test_a_tight_estimate_filter_still_returns_a_feasible_point() -> None:
 def test_an_impossible_budget_says_what_to_change() -> None:
     with pytest.raises(InvalidRequest, match="raise flops_target"):
         solve_budget(CANDS, score, naive, real, 0.01 * DENSE)
+
+
+def test_the_floor_keeps_the_choice_near_the_budget_even_when_smaller_models_score_higher() -> None:
+    def smaller_is_better(c: Candidate) -> float:
+        return -c.d - c.w - c.r  # a pathological fitted F that prefers tiny models
+
+    budget = 0.5 * DENSE
+    free = solve_budget(CANDS, smaller_is_better, naive, real, budget, slack=1e9, max_evals=len(CANDS))
+    banded = solve_budget(CANDS, smaller_is_better, naive, real, budget, slack=1e9, max_evals=len(CANDS),
+                          floor=0.8)
+    assert real(free.best) < 0.8 * budget  # without a floor the tiny model wins
+    assert 0.8 * budget <= real(banded.best) <= budget

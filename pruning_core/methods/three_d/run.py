@@ -54,6 +54,7 @@ class ThreeDConfig:
     min_width: float = 0.1
     min_resolution: float = 0.25  # smallest input side fraction considered
     max_macs_evals: int = 40  # candidates built to measure real MACs before the fallback
+    budget_floor: float = 0.85  # chosen MACs must land in [floor * budget, budget] (the paper's equality, banded)
     search: str = "poly"  # "poly": maximise the fitted F; "macs": largest real MACs under budget (no samples)
     final_steps: int | None = None  # fine-tuning of the final model; None: spec.steps
     scorer: ChannelScorer = magnitude_scores  # which channels go; SMART channel scores can be plugged in
@@ -159,9 +160,11 @@ def run_3d(model: nn.Module, teacher: nn.Module | None, example_input_shape: lis
     def predict(c: Candidate, fitted: LowRankPoly | None = poly) -> float:
         return estimate(c) if fitted is None else fitted(c.d, c.w, c.r)
 
-    sol = solve_budget(candidates, predict, estimate, real, budget, max_evals=cfg.max_macs_evals)
-    if stage_progress is not None:
-        _sub(stage_progress, 0.5, 0.55)(1.0, {"chosen": sol.best.to_dict()})
+    sol = solve_budget(candidates, predict, estimate, real, budget, max_evals=cfg.max_macs_evals,
+                       floor=cfg.budget_floor)
+    solved = _sub(stage_progress, 0.5, 0.55)
+    if solved is not None:
+        solved(1.0, {"chosen": sol.best.to_dict(), "predicted": sol.predicted, "macs": sol.macs})
 
     # 3. final: prune the original to the chosen point and fine-tune with the full budget.
     best = sol.best

@@ -45,8 +45,11 @@ class SolveResult:
 
 def solve_budget(candidates: Sequence[Candidate], predict: Callable[[Candidate], float],
                  estimate_macs: Callable[[Candidate], float], real_macs: Callable[[Candidate], int],
-                 budget: float, slack: float = 1.25, max_evals: int = 40) -> SolveResult:
-    """argmax predict(c) subject to real_macs(c) <= budget.
+                 budget: float, slack: float = 1.25, max_evals: int = 40, floor: float = 0.0) -> SolveResult:
+    """argmax predict(c) subject to floor * budget <= real_macs(c) <= budget.
+
+    `floor` turns the paper's equality constraint C = T * C(1, 1, 1) into a band: a fitted F need not be
+    monotone, and without a floor it may pick a far smaller model than the user paid for.
 
     Walks candidates in order of decreasing prediction, skipping those whose estimate exceeds
     `slack` * budget (the estimate may be off by the stem/head/rounding effects, hence the slack), and
@@ -62,18 +65,21 @@ def solve_budget(candidates: Sequence[Candidate], predict: Callable[[Candidate],
         if c not in cache:
             cache[c] = int(real_macs(c))
             evaluated.append({**c.to_dict(), "macs": cache[c], "predicted": float(predict(c)),
-                              "fits": cache[c] <= budget})
+                              "fits": lo <= cache[c] <= budget})
         return cache[c]
+
+    lo = floor * budget
 
     by_pred = sorted(candidates, key=lambda c: (-predict(c), estimate_macs(c)))
     for c in by_pred:
         if len(cache) >= max_evals:
             break
-        if estimate_macs(c) > slack * budget:
+        est = estimate_macs(c)
+        if est > slack * budget or est < lo / slack:
             continue
-        if measure(c) <= budget:
+        if lo <= measure(c) <= budget:
             return SolveResult(c, cache[c], float(predict(c)), evaluated, len(candidates))
-    # Fallback: cheapest first; keep the best prediction among those that fit.
+    # Fallback (nothing in the band within max_evals): drop the floor, cheapest first; keep the best prediction.
     feasible = [c for c, m in cache.items() if m <= budget]
     for c in sorted(candidates, key=estimate_macs):
         if len(cache) >= 2 * max_evals:
