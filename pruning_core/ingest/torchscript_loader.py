@@ -74,7 +74,12 @@ def _export(script: torch.jit.ScriptModule, x: torch.Tensor, name: str, n_out: i
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                script, (x,), buffer, dynamo=False,  # type: ignore[arg-type]  # BytesIO works opset_version=EXPORT_OPSET, input_names=[name],
+                script,
+                (x,),
+                buffer,  # type: ignore[arg-type]  # a BytesIO works: the model never touches disk
+                dynamo=False,
+                opset_version=EXPORT_OPSET,
+                input_names=[name],
                 output_names=outputs, dynamic_axes=axes, do_constant_folding=True,
             )
     except Exception as exc:
