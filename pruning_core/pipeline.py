@@ -24,7 +24,7 @@ from torch import nn
 from pruning_core.data import TrainData, load_dataset, synthetic_data
 from pruning_core.errors import HwpruneError
 from pruning_core.fidelity import fidelity
-from pruning_core.layer_stats import effective_macs
+from pruning_core.layer_stats import WEIGHT_LAYERS, effective_macs
 from pruning_core.progress import Progress, StageProgress
 from pruning_core.spec import PruneSpec
 from pruning_core.train import TrainConfig, accuracy, predict
@@ -67,11 +67,11 @@ def _prune(spec: PruneSpec, model: nn.Module, teacher: nn.Module, input_shape: l
     device = next(model.parameters()).device
     example = torch.zeros(input_shape, device=device)
     if spec.method == "3d":
-        from pruning_core.methods.three_d import run_3d
+        from pruning_core.methods.three_d.run import run_3d
 
         res3 = run_3d(model, teacher, input_shape, spec, train, stage)
-        return {"module": res3.module, "input_shape": list(res3.input_shape), "layers": res3.layers,
-                "plan3d": res3.plan3d}
+        return {"module": res3.module, "input_shape": list(res3.input_shape),
+                "layers": diff_layers(teacher, res3.module), "plan3d": res3.plan3d}
     from pruning_core.geometry import build_plan
 
     plan = build_plan(model, example, spec.resolved_granularity, spec.profile, spec.layers)
@@ -90,8 +90,39 @@ def _prune(spec: PruneSpec, model: nn.Module, teacher: nn.Module, input_shape: l
     return {"module": module, "input_shape": list(input_shape), "layers": layers, **extra}
 
 
+def diff_layers(dense: nn.Module, pruned: nn.Module) -> list[dict[str, Any]]:
+    """Layer records for methods that reshape the network (3D): each dense weight layer, and what became of it."""
+    after = {n: m for n, m in pruned.named_modules() if isinstance(m, WEIGHT_LAYERS)}
+    records = []
+    for name, mod in dense.named_modules():
+        if not isinstance(mod, WEIGHT_LAYERS):
+            continue
+        shape = list(mod.weight.shape)
+        new = after.get(name)
+        new_shape = list(new.weight.shape) if new is not None else None
+        kept_weights = _numel(new_shape) if new_shape is not None else 0
+        groups, kept = shape[0], (new_shape[0] if new_shape is not None else 0)
+        reason = ("removed with its residual block (depth)" if new is None else
+                  "channels removed (width)" if new_shape != shape else "kept as is")
+        records.append({"name": name, "op_type": type(mod).__name__, "weight_shape": shape, "pruned_shape": new_shape,
+                        "prunable": new_shape != shape, "reason": reason, "groups": groups, "kept": kept,
+                        "sparsity": 1.0 - kept_weights / _numel(shape)})
+    return records
+
+
 def achieved_sparsity(layers: list[dict[str, Any]]) -> float:
-    """Zero weights over all weights of the layers that were prunable (the budget's denominator)."""
+    """Removed groups over all groups of the pruned layers: the quantity the budget constrains.
+
+    Groups are block tiles, single weights (N:M) or output channels; rounding to channel multiples and
+    per-layer minimums make this differ slightly from the target.
+    """
+    groups = sum(int(ly.get("groups", 0)) for ly in layers if ly.get("prunable"))
+    kept = sum(int(ly.get("kept", 0)) for ly in layers if ly.get("prunable"))
+    return 1.0 - kept / groups if groups else 0.0
+
+
+def weight_sparsity(layers: list[dict[str, Any]]) -> float:
+    """Zero (or removed) weights over all weights of the prunable layers."""
     pruned = [ly for ly in layers if ly.get("prunable")]
     total = sum(_numel(ly["weight_shape"]) for ly in pruned)
     zeros = sum(_numel(ly["weight_shape"]) * float(ly.get("sparsity", 0.0)) for ly in pruned)
@@ -103,6 +134,16 @@ def _numel(shape: list[int]) -> int:
     for d in shape:
         n *= int(d)
     return n
+
+
+def _target_sparsity(spec: PruneSpec) -> float | None:
+    """3D has a FLOPs target instead; an N:M pattern fixes the sparsity at 1 - N/M whatever was asked."""
+    if spec.method == "3d":
+        return None
+    nm = spec.profile.nm
+    if spec.resolved_granularity == "nm" and nm is not None:
+        return 1.0 - nm[0] / nm[1]
+    return spec.target_sparsity
 
 
 def prune_stage(spec: PruneSpec, model_path: Path, work_dir: Path, data_path: Path | None,
@@ -145,11 +186,9 @@ def prune_stage(spec: PruneSpec, model_path: Path, work_dir: Path, data_path: Pa
     progress.check_cancel()
 
     export = progress.stage("export", 0.95, 1.0)
-    names = {"input_names": loaded.input_names, "output_names": loaded.output_names,
-             "dynamic_batch": loaded.dynamic_batch}
-    export_onnx(teacher_cpu, work_dir / DENSE_ONNX, loaded.input_shape, **names)
-    export(0.5)
-    export_onnx(pruned_cpu, work_dir / PRUNED_ONNX, pruned_shape, **names)
+    for module, name, shape in ((teacher_cpu, DENSE_ONNX, loaded.input_shape), (pruned_cpu, PRUNED_ONNX, pruned_shape)):
+        export_onnx(module, work_dir / name, shape, loaded.input_names, loaded.output_names, loaded.dynamic_batch)
+        export(0.5)
     gran = spec.resolved_granularity
     if spec.method != "3d" and gran in ("block", "nm"):
         bad = zero_pattern_mismatches(pruned_cpu, work_dir / PRUNED_ONNX)
@@ -164,9 +203,10 @@ def prune_stage(spec: PruneSpec, model_path: Path, work_dir: Path, data_path: Pa
         "method": spec.method,
         "granularity": gran if spec.method != "3d" else "channel+depth+resolution",
         "accelerator": spec.profile.to_dict(),
-        "target_sparsity": spec.target_sparsity if spec.method != "3d" else None,
+        "target_sparsity": _target_sparsity(spec),
         "flops_target": spec.flops_target,
         "achieved_sparsity": achieved_sparsity(result["layers"]),
+        "weight_sparsity": weight_sparsity(result["layers"]),
         "layers": result["layers"],
         "macs": {"dense": dense_macs, "pruned": pruned_macs,
                  "effective": effective_macs(pruned_cpu, x_pruned), "ratio": pruned_macs / max(dense_macs, 1)},
