@@ -41,6 +41,11 @@ class ChannelMember:
         return []
 
 
+def is_grouped_not_depthwise(m: nn.Module) -> bool:
+    """A grouped conv whose channels must be removed evenly per group (Torch-Pruning's graph alone does not)."""
+    return isinstance(m, CONV_TYPES) and m.groups > 1 and not (m.groups == m.in_channels == m.out_channels)
+
+
 class ChannelUnit(PruningUnit):
     """The channels of one Torch-Pruning dependency group, indexed by the root layer's output channels."""
 
@@ -53,11 +58,14 @@ class ChannelUnit(PruningUnit):
         self.mask = None
         self.members: list[ChannelMember] = []
         self.in_members: list[str] = []  # layers that only lose input channels
+        self.grouped_convs: list[str] = []  # grouped (not depthwise) convs the group reaches: see plan
         for item in group:
             dep, idxs = item.dep, item.idxs
             mod = dep.target.module
             if not isinstance(mod, nn.Module) or mod not in names:
                 continue
+            if is_grouped_not_depthwise(mod) and names[mod] not in self.grouped_convs:
+                self.grouped_convs.append(names[mod])
             if dg.is_out_channel_pruning_fn(dep.handler):
                 self.members.append(ChannelMember(names[mod], mod, torch.as_tensor(list(idxs), dtype=torch.long),
                                                   torch.as_tensor(list(item.root_idxs), dtype=torch.long)))

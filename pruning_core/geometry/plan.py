@@ -231,9 +231,12 @@ def _channel_units(model: nn.Module, example_input: Tensor | tuple[Tensor, ...],
     mult = profile.channel_multiple
     units: list[PruningUnit] = []
     decided: dict[str, tuple[bool, str]] = {}
+    order = {n: i for i, n in enumerate(all_layers)}
     for root, group in channel_groups(dg):
         unit = ChannelUnit(names[root], root, group, dg, names, mult)
-        layers = unit.layer_names
+        layers = sorted(unit.layer_names, key=lambda n: order.get(n, len(order)))
+        if layers:  # name the unit after its first layer in model order (stable, readable)
+            unit.name = layers[0]
         coupled = f"{len(layers)} coupled layer{'s' if len(layers) != 1 else ''}"
         reason = ""
         kept_layers = [n for n in layers if overrides.get(n) == "keep"]
@@ -243,6 +246,9 @@ def _channel_units(model: nn.Module, example_input: Tensor | tuple[Tensor, ...],
         elif barrier is not None:
             reason = (f"channels pass through {barrier}, a reshape/transpose that interleaves channels "
                       "(channel shuffle); its constant shape cannot follow channel removal, so kept")
+        elif unit.grouped_convs:
+            reason = (f"channels reach grouped conv {unit.grouped_convs[0]}, whose channels must be removed "
+                      "evenly per group; kept")
         elif kept_layers:
             reason = f"override: keep ({', '.join(kept_layers)} in this channel group)"
         elif unit.num_groups <= mult:
@@ -257,6 +263,7 @@ def _channel_units(model: nn.Module, example_input: Tensor | tuple[Tensor, ...],
         for n in layers:
             why = f"output channels pruned in channel group of {unit.name} ({coupled})"
             decided[n] = (True, why)
+    units.sort(key=lambda u: order.get(u.name, len(order)))
     records = []
     for name, m in all_layers.items():
         prunable, reason = decided.get(name, (False, "not reached by the dependency graph (kept)"))
