@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import torch
-from test_three_d_models import X, converted, traced
+from test_three_d_models import X, converted, one_thread, traced
+
+__all__ = ["one_thread"]  # the autouse fixture, re-exported so it applies here
 
 from pruning_core.methods.three_d.depth import (
     branch_ratios,

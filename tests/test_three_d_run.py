@@ -9,11 +9,10 @@ import onnx
 import onnx2torch
 import onnxruntime as ort
 import onnxslim
-import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
-from test_three_d_models import TinyResNet
+from test_three_d_models import TinyResNet, one_thread
 
 from pruning_core.data import TrainData
 from pruning_core.macs import count_macs
@@ -22,6 +21,7 @@ from pruning_core.methods.three_d.sampling import ChainConfig
 from pruning_core.spec import PruneSpec
 
 SIZE = 16
+__all__ = ["one_thread"]  # the autouse fixture, re-exported so it applies here
 
 
 def digits(n: int = 400) -> TrainData:
@@ -66,7 +66,6 @@ def export_and_run(module: torch.nn.Module, shape: list[int]) -> tuple[list[int 
     return dims, got, want
 
 
-@pytest.mark.slow
 def test_run_3d_meets_the_flops_target_and_exports_with_the_new_input_shape() -> None:
     data = digits()
     model = pretrained_converted(data)
