@@ -33,15 +33,14 @@ def get_session(request: Request) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_tenant(
-    request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> Tenant:
+def get_tenant(session: SessionDep,
+               creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Tenant:
+    """Uses the request's own session (FastAPI caches SessionDep per request): one connection per request."""
     challenge = {"WWW-Authenticate": "Bearer"}
     if creds is None or creds.scheme.lower() != "bearer":
         raise Problem(401, "send `Authorization: Bearer <api key>`; create a key with "
                            "`hwprune keys create --tenant NAME`", challenge)
-    with _factory(request)() as session:
-        tenant = verify_key(session, creds.credentials)
+    tenant = verify_key(session, creds.credentials)
     if tenant is None:
         raise Problem(401, "unknown or revoked API key", challenge)
     return tenant

@@ -41,11 +41,15 @@ def verify_key(session: Session, key: str) -> Tenant | None:
     parts = key.split("_", 2)
     if len(parts) != 3 or parts[0] != "hwp" or len(parts[1]) != 12:
         return None
-    row = session.scalar(select(ApiKey).where(ApiKey.prefix == parts[1]))
-    if row is None or row.revoked_at is not None:
+    found = session.execute(
+        select(ApiKey.key_hash, ApiKey.revoked_at, Tenant).join(Tenant, Tenant.id == ApiKey.tenant_id)
+        .where(ApiKey.prefix == parts[1])
+    ).first()  # one round trip per request: key and tenant together
+    if found is None or found.revoked_at is not None:
         # Hash anyway so unknown prefixes take as long as known ones.
         hmac.compare_digest(hash_key(key), "0" * 64)
         return None
-    if not hmac.compare_digest(hash_key(key), row.key_hash):
+    if not hmac.compare_digest(hash_key(key), found.key_hash):
         return None
-    return session.get(Tenant, row.tenant_id)
+    tenant: Tenant = found.Tenant
+    return tenant

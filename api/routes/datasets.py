@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
+from api.inspection import inspect_dataset_file
 from api.routes.common import MULTIPART_BODY, CursorQ, LimitQ, check_cursor, in_thread, not_found, too_large_early
 from api.schemas import DatasetOut, Page
 from api.uploads import receive_upload
@@ -20,12 +20,6 @@ from db.repositories import get_owned, page
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 
-def _inspect(path: Path) -> dict[str, Any]:
-    from pruning_core.data import inspect_dataset  # numpy only, allow_pickle=False
-
-    return inspect_dataset(path).to_dict()
-
-
 def _store(factory: sessionmaker[Session], store: ArtifactStore, tmp: Path, row: DatasetRecord) -> DatasetRecord:
     store.commit_upload(tmp, store.dataset_path(row.tenant_id, row.id))
     with factory() as session, session.begin():
@@ -35,14 +29,15 @@ def _store(factory: sessionmaker[Session], store: ArtifactStore, tmp: Path, row:
 
 @router.post("", status_code=201, response_model=DatasetOut, openapi_extra=MULTIPART_BODY,
              summary="Upload an .npz dataset with `inputs` and optional `labels`")
-async def upload_dataset(request: Request, response: Response, tenant: TenantDep, store: StoreDep,
+async def upload_dataset(request: Request, response: Response, session: SessionDep, tenant: TenantDep, store: StoreDep,
                          settings: SettingsDep) -> DatasetOut:
+    await in_thread(session.close)  # auth is done: hold no DB connection while the body streams in
     too_large_early(request, settings.max_dataset_bytes)
     tmp = store.new_upload_path(".npz")
     up = await receive_upload(request.headers.get("content-type"), request.stream(), file_field="file",
                               dest=tmp, limit=settings.max_dataset_bytes)
     try:
-        info = await in_thread(_inspect, tmp)  # DatasetRejected -> 422 via the HwpruneError handler
+        info = await inspect_dataset_file(str(tmp))  # DatasetRejected -> 422 via the HwpruneError handler
         row = DatasetRecord(
             id=new_id(), tenant_id=tenant.id, name=(up.fields.get("name") or up.filename or "dataset")[:256],
             samples=int(info["samples"]), has_labels=bool(info["has_labels"]),

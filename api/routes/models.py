@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
+from api.inspection import inspect_model_file
 from api.problems import Problem
 from api.routes.common import MULTIPART_BODY, CursorQ, LimitQ, check_cursor, in_thread, not_found, too_large_early
 from api.schemas import ModelOut, Page
@@ -18,18 +18,10 @@ from db.artifacts import ArtifactStore
 from db.ids import new_id
 from db.models import ModelRecord
 from db.repositories import get_owned, page
-from pruning_core.errors import HwpruneError
 from pruning_core.spec import parse_input_shape
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 log = logging.getLogger("hwprune.api")
-
-
-def _inspect(path: Path, input_shape: list[int] | None) -> dict[str, Any]:
-    from pruning_core.ingest import inspect_model  # onnx/torch: loaded on first upload, not at API import
-
-    info = inspect_model(path, input_shape=input_shape)
-    return info.to_dict()
 
 
 def _store(factory: sessionmaker[Session], store: ArtifactStore, tmp: Path, row: ModelRecord) -> ModelRecord:
@@ -41,8 +33,9 @@ def _store(factory: sessionmaker[Session], store: ArtifactStore, tmp: Path, row:
 
 @router.post("", status_code=201, response_model=ModelOut, openapi_extra=MULTIPART_BODY,
              summary="Upload an ONNX or TorchScript model")
-async def upload_model(request: Request, response: Response, tenant: TenantDep, store: StoreDep,
+async def upload_model(request: Request, response: Response, session: SessionDep, tenant: TenantDep, store: StoreDep,
                        settings: SettingsDep) -> ModelOut:
+    await in_thread(session.close)  # auth is done: hold no DB connection while the body streams in
     too_large_early(request, settings.max_upload_bytes)
     tmp = store.new_upload_path()
     up = await receive_upload(request.headers.get("content-type"), request.stream(), file_field="file",
@@ -50,13 +43,7 @@ async def upload_model(request: Request, response: Response, tenant: TenantDep, 
     try:
         shape_text = up.fields.get("input_shape", "").strip()
         input_shape = parse_input_shape(shape_text) if shape_text else None
-        try:
-            info = await in_thread(_inspect, tmp, input_shape)
-        except HwpruneError:
-            raise
-        except Exception as e:  # a parser crashing on hostile bytes is still "not a model"
-            log.warning("inspect_model failed on an upload: %s", e)
-            raise Problem(422, f"not a valid ONNX or TorchScript model: {e}") from e
+        info = await inspect_model_file(str(tmp), input_shape)  # ModelRejected -> 422
         if info["format"] == "torchscript" and input_shape is None:
             raise Problem(422, "TorchScript models need input_shape, e.g. input_shape=1,3,224,224")
         name = (up.fields.get("name") or up.filename or "model")[:256]
