@@ -138,7 +138,7 @@ def test_soft_phase_trains_scores_and_anneals() -> None:
     soft = [h for h in res.history if h["phase"] == 0]
     assert len(res.history) == 12 and len(soft) == res.info["soft_steps"] == 8
     assert [h["step"] for h in res.history] == list(range(12))
-    assert all(b["tau"] < a["tau"] for a, b in itertools.pairwise(soft))
+    assert all(b["tau"] <= a["tau"] for a, b in itertools.pairwise(soft))  # holds at tau_end after annealing
     assert soft[0]["tau"] == 1.0 and soft[-1]["tau"] <= 1e-3
     assert soft[-1]["fractional"] < soft[0]["fractional"]  # the mask hardens as tau falls
 

@@ -8,11 +8,17 @@ from pruning_core.methods.smart import SmartConfig, Temperature
 
 
 def test_exponential_anneal_from_start_to_end() -> None:
-    t = Temperature(SmartConfig(tau_start=1.0, tau_end=1e-3), soft_steps=101)
+    t = Temperature(SmartConfig(tau_start=1.0, tau_end=1e-3, anneal_fraction=1.0), soft_steps=101)
     assert math.isclose(t.tau(0), 1.0)
     assert math.isclose(t.tau(50), 10 ** -1.5, rel_tol=1e-9)  # halfway in log space
     assert math.isclose(t.tau(100), 1e-3, rel_tol=1e-9)
     assert all(t.tau(i + 1) < t.tau(i) for i in range(100))
+
+
+def test_anneal_fraction_reaches_tau_end_early_then_holds() -> None:
+    t = Temperature(SmartConfig(tau_start=1.0, tau_end=1e-3, anneal_fraction=0.5), soft_steps=100)
+    assert math.isclose(t.tau(49), 1e-3, rel_tol=1e-9)
+    assert t.tau(48) > 1e-3 and t.tau(99) == t.tau(49)
 
 
 def test_escape_rule_only_in_second_half_and_above_the_limit() -> None:

@@ -17,7 +17,7 @@ pruned weights; `finalize` bakes them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -209,8 +209,9 @@ def run_smart(model: nn.Module, teacher: nn.Module | None, plan: PruningPlan, sp
 
     hard_kept = 0.0
     if soft_steps > 0:
+        soft_cfg = replace(tcfg, min_lr_ratio=tcfg.min_lr_ratio if cfg.soft_lr_decay else 1.0)
         train_steps(
-            model, teacher, data, soft_steps, tcfg,
+            model, teacher, data, soft_steps, soft_cfg,
             progress=_PhaseProgress(stage_progress, 0.0, soft_share, record(0, 0), cfg.log_every),
             extra_param_groups=[{"params": scores, "lr": cfg.score_lr, "betas": cfg.score_betas,
                                  "weight_decay": 0.0}],

@@ -26,7 +26,8 @@ class Temperature:
     def base(self, step: int) -> float:
         """Annealing schedule alone: tau_start at step 0, tau_end at the last soft step."""
         c = self.cfg
-        frac = min(step / max(self.soft_steps - 1, 1), 1.0)
+        anneal_steps = max(round(c.anneal_fraction * self.soft_steps) - 1, 1)
+        frac = min(step / anneal_steps, 1.0)
         return c.tau_start * (c.tau_end / c.tau_start) ** frac
 
     def tau(self, step: int) -> float:
