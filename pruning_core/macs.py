@@ -30,16 +30,44 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _static_shapes(model: onnx.ModelProto, input_shape: list[int] | None) -> dict[str, list[int]]:
-    """Concrete shapes of every value after fixing the first input to `input_shape` (batch 1 by default)."""
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    init_names = {t.name for t in fixed.graph.initializer}
-    real_inputs = [i for i in fixed.graph.input if i.name not in init_names]
-    for index, value in enumerate(real_inputs):
-        dims = value.type.tensor_type.shape.dim
+# Initializers above this many elements are weights, never shape data: `_light_copy` leaves them out.
+_SHAPE_DATA_MAX = 4096
+
+
+def _light_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """The graph with every large initializer turned into a typed graph input of the same shape, and the
+    names of the model's real inputs.
+
+    Shape inference (and the ORT fallback) only need the weights' shapes; copying a 330 MB ViT just to
+    fix its input dims cost seconds per inspection.
+    """
+    from onnx import helper
+
+    graph = model.graph
+    init_names = {t.name for t in graph.initializer}
+    real = [v.name for v in graph.input if v.name not in init_names]
+    small = [t for t in graph.initializer if math.prod(t.dims) <= _SHAPE_DATA_MAX]
+    large = [t for t in graph.initializer if math.prod(t.dims) > _SHAPE_DATA_MAX]
+    inputs = [v for v in graph.input if v.name in real]
+    inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in large]
+    light = helper.make_model(
+        helper.make_graph(list(graph.node), graph.name or "g", inputs, list(graph.output), initializer=small),
+        opset_imports=list(model.opset_import),
+    )
+    light.ir_version = model.ir_version
+    return light, real
+
+
+def _static_shapes(light: onnx.ModelProto, real: list[str], input_shape: list[int] | None) -> dict[str, list[int]]:
+    """Concrete shapes of every value after fixing the first input to `input_shape` (batch 1 by default).
+
+    Modifies `light` (from `_light_copy`) in place: its real inputs get concrete dims.
+    """
+    by_name = {v.name: v for v in light.graph.input}
+    for index, name in enumerate(real):
+        dims = by_name[name].type.tensor_type.shape.dim
         if index == 0 and input_shape is not None:
-            assert len(input_shape) == len(dims), f"input_shape {input_shape} has the wrong rank for {value.name}"
+            assert len(input_shape) == len(dims), f"input_shape {input_shape} has the wrong rank for {name}"
             for dim, size in zip(dims, input_shape, strict=True):
                 dim.Clear()
                 dim.dim_value = size
@@ -47,9 +75,9 @@ def _static_shapes(model: onnx.ModelProto, input_shape: list[int] | None) -> dic
             dims[0].Clear()
             dims[0].dim_value = 1  # batch 1, like every MAC number we report
     try:
-        inferred = shape_inference.infer_shapes(fixed, data_prop=True)
-    except Exception:  # shape inference is best effort: unknown shapes just count as 0 MACs
-        inferred = fixed
+        inferred = shape_inference.infer_shapes(light, data_prop=True)
+    except Exception:  # shape inference is best effort: what it cannot resolve goes to the ORT fallback
+        inferred = light
     shapes: dict[str, list[int]] = {}
     graph = inferred.graph
     for value in [*graph.input, *graph.value_info, *graph.output]:
@@ -99,11 +127,11 @@ def _runtime_shapes(
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every value alive
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    elem_types = {v.name: v.type.tensor_type.elem_type for v in model.graph.input}
     feeds = {}
     for value in session.get_inputs():
         shape = fixed_shapes.get(value.name) or [d if isinstance(d, int) else 1 for d in value.shape]
-        dtype = np.float32 if "float" in value.type else np.int64
-        feeds[value.name] = np.zeros(shape, dtype=dtype)
+        feeds[value.name] = np.zeros(shape, dtype=helper.tensor_dtype_to_np_dtype(elem_types[value.name]))
     names = [o.name for o in session.get_outputs()]
     return {name: list(np.asarray(v).shape) for name, v in zip(names, session.run(None, feeds), strict=True)}
 
@@ -114,16 +142,16 @@ def onnx_macs(model: onnx.ModelProto, input_shape: list[int] | None) -> int:
     Shapes come from ONNX shape inference; when it cannot resolve a heavy op (shape arithmetic on a
     dynamic batch), from one ONNX Runtime run on zeros.
     """
-    shapes = _static_shapes(model, input_shape)
+    light, real = _light_copy(model)
+    shapes = _static_shapes(light, real, input_shape)
     heavy = _heavy_nodes(model)
     needed = {name for n in heavy for name in (*n.input[:2], n.output[0]) if name}
     if not needed.issubset(shapes):
-        init_names = {t.name for t in model.graph.initializer}
-        fixed = {name: shape for name, shape in shapes.items() if name in {i.name for i in model.graph.input}}
-        fixed = {k: v for k, v in fixed.items() if k not in init_names}
+        # Every input of `light` (real ones and lifted weights) now has a concrete shape: feed zeros.
+        fixed = {v.name: shapes[v.name] for v in light.graph.input if v.name in shapes}
         # Best effort: a graph ORT cannot run counts only what static inference resolved.
         with contextlib.suppress(Exception):
-            shapes.update(_runtime_shapes(model, fixed, needed - set(shapes)))
+            shapes.update(_runtime_shapes(light, fixed, needed - set(shapes)))
     total = 0
     for node in heavy:
         ins = [shapes.get(name) for name in node.input]

@@ -38,11 +38,12 @@ assert converters.register_all is not None  # imported for its registrations
 _NOT_WEIGHT_USERS = ("Resize", "Pad", "Range", "ConstantOfShape", "Clip", "TopK", "Nms", "RoiAlign", "Upsample")
 
 
-def read_onnx(path: Path) -> onnx.ModelProto:
-    """Parse, check for unsafe external data / absurd sizes, then load external data from the model's folder."""
+def read_onnx(path: Path, load_data: bool = True) -> onnx.ModelProto:
+    """Parse, check for unsafe external data / absurd sizes, then load external data from the model's folder
+    (inspection needs only shapes: `load_data=False`)."""
     model = load_onnx_proto(path)
     check_onnx_safety(model, path.parent)
-    if any(onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer):
+    if load_data and any(onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer):
         onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     return model
 
