@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import platform
@@ -207,8 +208,18 @@ def redis_roundtrip(url: str, n: int = 200) -> list[float]:
 def children(pid: int) -> list[int]:
     out: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        out += [int(c) for c in (task / "children").read_text().split()]
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
     return out
+
+
+def peak_kb(pid: int) -> int:
+    try:
+        return status_of(pid, "VmHWM")
+    except FileNotFoundError:
+        return 0
 
 
 def upload_peak(stack: Stack, path: Path) -> tuple[int, float, float, float, int]:
@@ -231,12 +242,13 @@ def upload_peak(stack: Stack, path: Path) -> tuple[int, float, float, float, int
         yield f"\r\n--{boundary}--\r\n".encode()
 
     for p in (pid, *children(pid)):
-        Path(f"/proc/{p}/clear_refs").write_text("5")  # reset VmHWM (peak RSS) to the current RSS
+        with contextlib.suppress(FileNotFoundError):
+            Path(f"/proc/{p}/clear_refs").write_text("5")  # reset VmHWM (peak RSS) to the current RSS
     before = status_of(pid, "VmRSS")
     r = httpx.post(stack.url + "/v1/models", headers={**stack.h, "content-type":
                    f"multipart/form-data; boundary={boundary}"}, content=body(), timeout=600)
     peak = status_of(pid, "VmHWM")
-    inspector = max((status_of(c, "VmHWM") for c in children(pid)), default=0)
+    inspector = max((peak_kb(c) for c in children(pid)), default=0)
     return (r.status_code, (marks["streamed"] - before) / 1024, (peak - before) / 1024, inspector / 1024,
             path.stat().st_size)
 
