@@ -18,6 +18,7 @@ import argparse
 import copy
 import datetime as dt
 import json
+import math
 import os
 import platform
 import subprocess
@@ -75,32 +76,46 @@ def prune_to_half_macs(module: nn.Module, x: torch.Tensor, allocation: str) -> t
     return best[1], best[2], best[3], best[4]
 
 
-def op_profile(path: Path, threads: int, runs: int = 30) -> dict[str, float]:
-    """ms per run by ONNX op type (ORT's profiler), to see which ops do not shrink."""
-    import onnxruntime as ort_
-
-    so = ort_.SessionOptions()
+def node_profiles(paths: list[Path], threads: int, runs: int = 40, warmup: int = 5) -> list[dict[str, dict[str, Any]]]:
+    """Per ORT node (after graph optimisation) of each model: op type, ms per run, MACs (from the profiled
+    shapes). Runs of the models alternate, like `measure_pair`, so load changes hit all of them equally."""
+    so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    so.execution_mode = ort_.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort_.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
     so.enable_profiling = True
+    feed = torch.randn(*SHAPE).numpy()
     with tempfile.TemporaryDirectory() as tmp:
-        so.profile_file_prefix = str(Path(tmp) / "p")
-        sess = ort_.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        feed = {sess.get_inputs()[0].name: torch.randn(*SHAPE).numpy()}
-        for _ in range(5):
-            sess.run(None, feed)
-        for _ in range(runs):
-            sess.run(None, feed)
-        prof = sess.end_profiling()
-        events = json.loads(Path(prof).read_text())
-    per_op: dict[str, list[float]] = defaultdict(list)
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            per_op[e["args"]["op_name"]].append(e["dur"] / 1000.0)
-    # the last `runs` runs only: drop the first 5 warm-up runs' share
-    return {op: sum(v[len(v) * 5 // (runs + 5):]) / runs for op, v in per_op.items()}
+        sessions = []
+        for i, path in enumerate(paths):
+            so.profile_file_prefix = str(Path(tmp) / f"p{i}")
+            sessions.append(ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]))
+        for _ in range(warmup + runs):
+            for sess in sessions:
+                sess.run(None, {sess.get_inputs()[0].name: feed})
+        all_events = [json.loads(Path(sess.end_profiling()).read_text()) for sess in sessions]
+    out = []
+    for events in all_events:
+        times: dict[str, list[float]] = defaultdict(list)
+        nodes: dict[str, dict[str, Any]] = {}
+        for e in events:
+            if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+                continue
+            name, a = e["name"].removesuffix("_kernel_time"), e["args"]
+            times[name].append(e["dur"] / 1000.0)
+            macs = 0
+            if a["op_name"] in ("Conv", "FusedConv", "Gemm", "MatMul") and len(a["input_type_shape"]) >= 2:
+                w = next(iter(a["input_type_shape"][1].values()))
+                o = next(iter(a["output_type_shape"][0].values()))
+                per_out = math.prod(w[1:]) if a["op_name"] in ("Conv", "FusedConv") else w[0]
+                macs = math.prod(o) * per_out
+            nodes[name] = {"op": a["op_name"], "macs": macs}
+        for name, t in times.items():  # drop the warm-up runs
+            nodes[name]["ms"] = sum(t[warmup:]) / max(len(t) - warmup, 1)
+        out.append(nodes)
+    return out
 
 
 def bench_model(name: str, threads: int, seconds: float, allocation: str, profile_ops: bool,
@@ -116,11 +131,9 @@ def bench_model(name: str, threads: int, seconds: float, allocation: str, profil
     module = loaded.module.eval()
     pruned, plan, sparsity, pruned_macs = prune_to_half_macs(module, x, allocation)
     dense_macs = count_macs(module, x)
-    names = {"input_names": loaded.input_names, "output_names": loaded.output_names,
-             "dynamic_batch": loaded.dynamic_batch}
     dense_path, pruned_path = tmp / f"{name}_dense.onnx", tmp / f"{name}_pruned.onnx"
-    export_onnx(module, dense_path, SHAPE, **names)
-    export_onnx(pruned, pruned_path, SHAPE, **names)
+    for mod, path in ((module, dense_path), (pruned, pruned_path)):  # same exporter for both
+        export_onnx(mod, path, SHAPE, loaded.input_names, loaded.output_names, loaded.dynamic_batch)
     prep_s = time.perf_counter() - t0
     d, p = measure_pair(dense_path, pruned_path, SHAPE, SHAPE, threads=threads, warmup=10, min_runs=40,
                         max_seconds=seconds)
@@ -133,8 +146,7 @@ def bench_model(name: str, threads: int, seconds: float, allocation: str, profil
         "layers": [r.to_dict() for r in plan.layers],
     }
     if profile_ops:
-        row["ops_dense"] = op_profile(dense_path, threads)
-        row["ops_pruned"] = op_profile(pruned_path, threads)
+        row["nodes_dense"], row["nodes_pruned"] = node_profiles([dense_path, pruned_path], threads)
     return row
 
 
@@ -164,15 +176,39 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def op_table(r: dict[str, Any], top: int = 8) -> str:
-    dense, pruned = r["ops_dense"], r["ops_pruned"]
-    ops = sorted(dense, key=lambda o: -dense[o])[:top]
-    lines = [f"ORT op time per run, {r['model']} (ms, profiler):", "",
-             "| op | dense | pruned | speedup |", "| --- | ---: | ---: | ---: |"]
-    for o in ops:
-        pv = pruned.get(o, 0.0)
-        lines.append(f"| {o} | {dense[o]:.2f} | {pv:.2f} | {dense[o] / pv if pv else float('inf'):.2f}x |")
-    lines.append(f"| total | {sum(dense.values()):.2f} | {sum(pruned.values()):.2f} | "
-                 f"{sum(dense.values()) / max(sum(pruned.values()), 1e-9):.2f}x |")
+    """Where the gap to the ideal is: per node, time beyond `dense time x MACs ratio` of that node."""
+    dn, pn = r["nodes_dense"], r["nodes_pruned"]
+    by_op: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for name, d in dn.items():
+        by_op[d["op"]][0] += d["ms"]
+        by_op[d["op"]][1] += pn.get(name, {}).get("ms", 0.0)
+    for name, p in pn.items():
+        if name not in dn:
+            by_op[p["op"]][1] += p["ms"]
+    td, tp = sum(v[0] for v in by_op.values()), sum(v[1] for v in by_op.values())
+    lines = [f"**{r['model']}**, ORT profiler, ms per run by op type (fused Conv+Add+Relu count as Conv):", "",
+             "| op | dense ms | pruned ms | speedup |", "| --- | ---: | ---: | ---: |"]
+    for op, (a, b) in sorted(by_op.items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"| {op} | {a:.2f} | {b:.2f} | {a / b if b else float('inf'):.2f}x |")
+    lines.append(f"| total | {td:.2f} | {tp:.2f} | {td / max(tp, 1e-9):.2f}x |")
+    rows = []
+    for name, d in dn.items():
+        p = pn.get(name)
+        if not p or not d["macs"] or not p["macs"]:
+            continue
+        ideal_ms = d["ms"] * p["macs"] / d["macs"]
+        rows.append((p["ms"] - ideal_ms, name, d, p, ideal_ms))
+    rows.sort(key=lambda t: -t[0])
+    gap = sum(t[0] for t in rows)
+    lines += ["", f"Conv/Gemm nodes furthest from their own MACs ratio (total excess {gap:.2f} ms of "
+              f"{tp:.2f} ms; dense GMAC/s vs pruned GMAC/s shows the kernel efficiency change):", "",
+              "| node | dense ms | pruned ms | MACs ratio | time ratio | excess ms | GMAC/s dense -> pruned |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for excess, name, d, p, _ in rows[:top]:
+        lines.append(
+            f"| {name.removesuffix('_nchwc')} | {d['ms']:.2f} | {p['ms']:.2f} | {p['macs'] / d['macs']:.2f} "
+            f"| {p['ms'] / d['ms']:.2f} | {excess:.2f} | {d['macs'] / d['ms'] / 1e6:.1f} -> "
+            f"{p['macs'] / p['ms'] / 1e6:.1f} |")
     return "\n".join(lines)
 
 
