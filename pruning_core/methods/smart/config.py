@@ -30,8 +30,9 @@ class SmartConfig:
     soft_lr_decay: bool = False  # False: constant weight lr in the soft phase, so weights can still follow the
     #                              masks as they harden near its end (a cosine-decayed lr is ~0 by then)
     score_init: str = "global"  # "global": norms/sqrt(size) standardised over all units (step 0 = global
-    #                             magnitude ranking); "unit": standardised per unit (starved small first layers
-    #                             of BN nets on the digits benchmark: 90% vs 95% at 4x4 / 0.95)
+    #                             magnitude ranking); "layer": each unit divided by its mean first (relative
+    #                             magnitude, for scale-free BN layers); "unit": standardised per unit
+    #                             (starved small first layers of BN nets on digits: 90% vs 95% at 4x4 / 0.95)
     # --- hard phase: masks stay parametrizations (w * mask), so Adam momentum cannot revive pruned weights ---
     device: str | None = None  # None: wherever the model lives (CUDA on the GPU worker, CPU otherwise)
     log_every: int = 10  # progress callback period (steps); the history keeps every step
@@ -42,7 +43,7 @@ class SmartConfig:
         assert 0 < self.escape_factor < 1, f"escape_factor must be in (0, 1), got {self.escape_factor}"
         lo, hi = self.fractional_band
         assert 0 < lo < hi < 1, f"fractional_band must satisfy 0 < lo < hi < 1, got {self.fractional_band}"
-        assert self.score_init in ("global", "unit"), f"score_init must be 'global' or 'unit', got {self.score_init!r}"
+        assert self.score_init in ("global", "layer", "unit"), f"bad score_init {self.score_init!r}"
         assert 0 < self.anneal_fraction <= 1, f"anneal_fraction must be in (0, 1], got {self.anneal_fraction}"
         assert self.score_lr > 0, f"score_lr must be positive, got {self.score_lr}"
 

@@ -41,11 +41,15 @@ def init_scores(units: list[PruningUnit], mode: str) -> Tensor:
     """Flat scores from group norms / sqrt(group size) (fair to ragged edge tiles), standardised.
 
     "global" standardises over all units at once, which keeps the global magnitude ranking (step 0 of SMART
-    equals global magnitude pruning) and gives tau a fixed scale; "unit" standardises each unit on its own.
+    equals global magnitude pruning) and gives tau a fixed scale; "layer" first divides each unit by its mean
+    (relative magnitude: layers before a BatchNorm are scale-invariant, so raw norms are not comparable across
+    them), then standardises globally; "unit" standardises each unit on its own.
     """
     raw = [u.group_norms().float() / u.group_sizes().float().clamp_min(1).sqrt() for u in units]
     if mode == "global":
         return _standardise(torch.cat(raw))
+    if mode == "layer":  # relative magnitude (RMS / unit mean RMS), then one global standardisation
+        return _standardise(torch.cat([r / r.mean().clamp_min(1e-12) for r in raw]))
     return torch.cat([_standardise(r) for r in raw])
 
 
