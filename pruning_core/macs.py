@@ -9,17 +9,30 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Any
 
 import onnx
 import torch
 from onnx import shape_inference
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+
+def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
+    return int(sdpa_flop_count(query_shape, key_shape, value_shape))
+
+
+# FlopCounterMode knows the GPU attention kernels but not the CPU one that
+# nn.MultiheadAttention / F.scaled_dot_product_attention dispatch to here; without it an original
+# Transformer would count fewer MACs than its ONNX export (where attention is two MatMuls).
+_EXTRA_FORMULAS: dict[Any, Any] = {}
+if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+    _EXTRA_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flops
 
 
 def count_macs(module: nn.Module, example_input: Tensor) -> int:
     """MACs of one forward pass at `example_input`'s shape (FlopCounterMode counts 2 FLOPs per MAC)."""
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
     with torch.no_grad(), counter:
         module(example_input)
     return int(counter.get_total_flops()) // 2

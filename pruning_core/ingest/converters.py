@@ -276,6 +276,24 @@ def convert_gelu(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
     return OperationConverterResult(nn.GELU(approximate=approximate), onnx_mapping_from_node(node))
 
 
+# --------------------------------------------------------------------------- re-export compatibility
+
+
+def _patch_opset_lookup() -> None:
+    """onnx2torch's modules ask `torch.onnx.symbolic_helper` for the export opset when a converted graph is
+    exported again (Squeeze, Shape, Reduce*); torch 2.9+ moved that global, so re-export crashed with an
+    AttributeError. Point the old name at the TorchScript exporter's globals."""
+    from torch.onnx import symbolic_helper
+
+    if hasattr(symbolic_helper, "GLOBALS") or hasattr(symbolic_helper, "_export_onnx_opset_version"):
+        return
+    try:
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except ImportError:  # a future torch moved it again: re-export of those ops will say so itself
+        return
+    symbolic_helper.GLOBALS = GLOBALS
+
+
 # --------------------------------------------------------------------------- registration
 
 _ORIGINAL: dict[str, Converter] = {}
@@ -287,6 +305,7 @@ def register_all() -> None:
     """Idempotent: called on import of this module."""
     if _ORIGINAL:
         return
+    _patch_opset_lookup()
     for op_type, version in (("MatMul", 13), ("Gemm", 13)):
         original = _lookup(op_type, version)
         assert original is not None, f"onnx2torch lost its {op_type}-{version} converter"
