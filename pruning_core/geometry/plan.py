@@ -227,7 +227,11 @@ def _channel_units(model: nn.Module, example_input: Tensor | tuple[Tensor, ...],
                    ) -> tuple[list[PruningUnit], list[LayerRecord]]:
     names = {m: n for n, m in model.named_modules()}
     barriers = find_channel_barriers(model, example_input)
-    dg = build_dependency_graph(model, example_input, barriers)
+    try:
+        dg = build_dependency_graph(model, example_input, barriers)
+    except Exception as e:  # Torch-Pruning's tracer meets an op it cannot follow
+        raise HwpruneError(f"channel pruning cannot trace this model's dependency graph ({type(e).__name__}: {e}); "
+                           "use granularity 'block' or 'nm', which need no graph tracing") from e
     mult = profile.channel_multiple
     units: list[PruningUnit] = []
     decided: dict[str, tuple[bool, str]] = {}
