@@ -148,9 +148,11 @@ def branch_ratios(gm: fx.GraphModule, blocks: Sequence[ResidualBlock], inputs: T
     names = {b.skip for b in blocks} | {b.branch for b in blocks}
     sums = dict.fromkeys((b.name for b in blocks), 0.0)
     batches = 0
+    p = next(gm.parameters(), None)
+    device = p.device if p is not None else inputs.device
     for i in range(0, inputs.shape[0], batch_size):
         rec = _Recorder(gm, names)
-        rec.run(inputs[i : i + batch_size])
+        rec.run(inputs[i : i + batch_size].to(device))
         for b in blocks:
             x, f = rec.values[b.skip], rec.values[b.branch]
             sums[b.name] += float(f.norm() / x.norm().clamp_min(1e-12))

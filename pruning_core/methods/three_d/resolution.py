@@ -21,7 +21,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 
 class ResizeInput(nn.Module):
-    """`model(resize(x))`: bilinear with antialiasing, like PIL's downscale, so users can reproduce it."""
+    """`model(resize(x))`: plain bilinear (`F.interpolate`, align_corners=False), the resize the pipeline and the
+    report tell users to apply, so fine-tuning sees what deployment will see."""
 
     def __init__(self, model: nn.Module, size: tuple[int, int]) -> None:
         super().__init__()
@@ -30,7 +31,7 @@ class ResizeInput(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if tuple(x.shape[-2:]) != self.size:
-            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
         return self.model(x)
 
 
@@ -44,7 +45,7 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, tuple[int, int] | None]:
 def resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     if tuple(x.shape[-2:]) == size:
         return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 @torch.no_grad()

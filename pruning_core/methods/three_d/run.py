@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 
 from pruning_core.data import TrainData
 from pruning_core.errors import InvalidRequest
+from pruning_core.methods.three_d.depth import rank_blocks
 from pruning_core.methods.three_d.poly import LowRankPoly, fit_error, fit_low_rank
 from pruning_core.methods.three_d.resolution import candidate_sizes, unwrap
 from pruning_core.methods.three_d.sampling import (
@@ -59,6 +60,16 @@ class ThreeDConfig:
     final_steps: int | None = None  # fine-tuning of the final model; None: spec.steps
     scorer: ChannelScorer = magnitude_scores  # which channels go; SMART channel scores can be plugged in
     scorer_name: str = "magnitude"
+    presampled: PreSampled | None = None  # reuse another run's samples (they do not depend on the target)
+
+
+@dataclass
+class PreSampled:
+    """The target-independent part of a run: chain samples, held-out points and the depth removal order."""
+
+    samples: list[Sample]
+    holdout: list[Sample]
+    order: list[str]
 
 
 @dataclass
@@ -68,6 +79,7 @@ class ThreeDResult:
     plan3d: dict[str, Any]
     samples: list[Sample]
     solve: SolveResult
+    presampled: PreSampled | None  # pass as `ThreeDConfig.presampled` to solve another target without resampling
 
 
 def _example(shape: list[int], data: TrainData) -> torch.Tensor:
@@ -126,7 +138,10 @@ def run_3d(model: nn.Module, teacher: nn.Module | None, example_input_shape: lis
     holdout: list[Sample] = []
     poly: LowRankPoly | None = None
     fit_err: dict[str, Any] = {}
-    if cfg.search == "poly":
+    if cfg.search == "poly" and cfg.presampled is not None:
+        samples, holdout = list(cfg.presampled.samples), list(cfg.presampled.holdout)
+        order = list(cfg.presampled.order)
+    elif cfg.search == "poly":
         samples, chain_order = run_chains(builder, ev, cfg.chains, available, sizes, spec.seed,
                                           _sub(stage_progress, 0.0, 0.4))
         order = chain_order + [n for n in order if n not in chain_order]
@@ -134,6 +149,11 @@ def run_3d(model: nn.Module, teacher: nn.Module | None, example_input_shape: lis
             pts = _holdout_points(builder, cfg, sizes, available, spec.seed)
             holdout = measure_points(builder, ev, pts, order, cfg.chains.steps_per_point, spec.seed, "combined",
                                      _sub(stage_progress, 0.4, 0.5))
+    if cfg.search != "poly" and "depth" in available:
+        # No chain: rank the blocks once on the original model by the same criterion.
+        assert isinstance(model, fx.GraphModule), "residual blocks are only found in fx graphs"
+        order = [b.name for b in rank_blocks(model, builder.blocks, train.inputs[:64])]
+    if cfg.search == "poly":
         xs = np.array([[s.d, s.w, s.r] for s in samples])
         ys = np.array([s.score for s in samples])
         chain_fit = fit_low_rank(xs, ys, cfg.degree, cfg.rank, seed=spec.seed)
@@ -185,7 +205,7 @@ def run_3d(model: nn.Module, teacher: nn.Module | None, example_input_shape: lis
         "inputs_must_be_resized": resized,
         "resize_note": (
             f"The pruned model takes {'x'.join(map(str, input_shape))} inputs instead of "
-            f"{'x'.join(map(str, example_input_shape))}: resize every input (bilinear, antialiased) before "
+            f"{'x'.join(map(str, example_input_shape))}: resize every input (bilinear) before "
             "calling it." if resized else "The input size is unchanged."),
         "axes": list(available),
         "blocks": {"removable": [b.to_dict() for b in builder.blocks], "removed": order[: best.blocks_removed],
@@ -205,7 +225,8 @@ def run_3d(model: nn.Module, teacher: nn.Module | None, example_input_shape: lis
         "solver": {"candidates": sol.candidates, "measured": len(sol.evaluated), "search": cfg.search},
     }
     inner.eval()
-    return ThreeDResult(inner, input_shape, plan3d, samples + holdout, sol)
+    pre = PreSampled(samples, holdout, order) if cfg.search == "poly" else None
+    return ThreeDResult(inner, input_shape, plan3d, samples + holdout, sol, pre)
 
 
 def _candidates(builder: Builder, cfg: ThreeDConfig, sizes: list[tuple[int, ...]], axes: tuple[str, ...],

@@ -51,7 +51,9 @@ class Builder:
     def __init__(self, model: nn.Module, example_input: Tensor, profile: AcceleratorProfile,
                  scorer: ChannelScorer = magnitude_scores, min_keep: float = 0.05) -> None:
         self.model = model
-        self.x = example_input[:1].detach().clone()
+        p = next(model.parameters(), None)
+        self.device = p.device if p is not None else torch.device("cpu")
+        self.x = example_input[:1].detach().clone().to(self.device)
         self.profile = profile
         self.scorer = scorer
         self.min_keep = min_keep
@@ -70,7 +72,7 @@ class Builder:
     def input_for(self, size: tuple[int, ...]) -> Tensor:
         if not size or tuple(size) == self.full:
             return self.x
-        return torch.zeros((1, self.x.shape[1], *size))
+        return torch.zeros((1, self.x.shape[1], *size), device=self.device)
 
     def build(self, removed: Sequence[str], keep: float, size: tuple[int, ...],
               base: nn.Module | None = None) -> nn.Module:
@@ -208,6 +210,8 @@ def run_chains(builder: Builder, ev: Evaluator, cfg: ChainConfig, axes: Sequence
             detail, removed = {}, 0
         else:
             inner, _ = unwrap(base)
+            if inner is builder.model:  # the chain's first step: never fine-tune the caller's model in place
+                inner = copy.deepcopy(inner)
             model = ResizeInput(inner, (int(res_sizes[arg][0]), int(res_sizes[arg][1])))
             detail, removed = {"input_size": list(res_sizes[arg])}, 0
         ev.finetune(model, cfg.steps_per_point, seed + i, prog)

@@ -51,10 +51,10 @@ def solve_budget(candidates: Sequence[Candidate], predict: Callable[[Candidate],
     `floor` turns the paper's equality constraint C = T * C(1, 1, 1) into a band: a fitted F need not be
     monotone, and without a floor it may pick a far smaller model than the user paid for.
 
-    Walks candidates in order of decreasing prediction, skipping those whose estimate exceeds
-    `slack` * budget (the estimate may be off by the stem/head/rounding effects, hence the slack), and
-    returns the first whose measured MACs fit. If `max_evals` measurements find none, falls back to the
-    cheapest-estimated candidates (still measured) so a feasible answer is found whenever one exists.
+    Walks candidates in order of decreasing prediction, skipping those whose estimate is outside the band
+    widened by `slack` (the estimate may be off by the stem/head/rounding effects), and returns the first
+    whose measured MACs fit. If `max_evals` measurements find none, the floor is dropped (same walk), and
+    then the cheapest-estimated candidates are measured so a feasible answer is found whenever one exists.
     """
     assert candidates, "no candidates to choose from"
     assert budget > 0, f"budget must be positive, got {budget}"
@@ -71,6 +71,7 @@ def solve_budget(candidates: Sequence[Candidate], predict: Callable[[Candidate],
     lo = floor * budget
 
     by_pred = sorted(candidates, key=lambda c: (-predict(c), estimate_macs(c)))
+    # Pass 1: best prediction inside the band [floor * budget, budget].
     for c in by_pred:
         if len(cache) >= max_evals:
             break
@@ -79,15 +80,21 @@ def solve_budget(candidates: Sequence[Candidate], predict: Callable[[Candidate],
             continue
         if lo <= measure(c) <= budget:
             return SolveResult(c, cache[c], float(predict(c)), evaluated, len(candidates))
-    # Fallback (nothing in the band within max_evals): drop the floor, cheapest first; keep the best prediction.
-    feasible = [c for c, m in cache.items() if m <= budget]
-    for c in sorted(candidates, key=estimate_macs):
+    # Pass 2 (the band is empty or out of reach, e.g. coarse single-axis steps): drop the floor.
+    for c in by_pred:
+        if c in cache and cache[c] <= budget:
+            return SolveResult(c, cache[c], float(predict(c)), evaluated, len(candidates))
         if len(cache) >= 2 * max_evals:
             break
-        if measure(c) <= budget:
+        if c not in cache and estimate_macs(c) <= slack * budget and measure(c) <= budget:
+            return SolveResult(c, cache[c], float(predict(c)), evaluated, len(candidates))
+    # Pass 3: cheapest first, so a feasible answer is found whenever one exists; best prediction among them.
+    feasible = [c for c, m in cache.items() if m <= budget]
+    for c in sorted(candidates, key=estimate_macs):
+        if len(cache) >= 3 * max_evals or len(feasible) >= 3:
+            break
+        if c not in cache and measure(c) <= budget:
             feasible.append(c)
-            if len(feasible) >= 3:
-                break
     if not feasible:
         smallest = min(cache.values())
         raise InvalidRequest(
