@@ -223,3 +223,53 @@ def test_onnx_macs_counts_conv_transpose_and_matmul() -> None:
     side = y.shape[-1]
     expected = count_macs(deconv, x) + 2 * side * side * side
     assert onnx_macs(model, [1, 4, 5, 5]) == expected
+
+
+class OpsMix(nn.Module):
+    """Ops whose ONNX form changed between opsets 13 and 17 (Squeeze/Unsqueeze/Split axes, ReduceMean)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.conv(x)))
+        a, b = h.chunk(2, dim=1)  # Split
+        h = torch.cat([b, a], dim=1)  # channel swap, like a shuffle
+        pooled = h.mean(dim=(2, 3), keepdim=True).squeeze(-1).squeeze(-1)  # ReduceMean + Squeeze
+        return torch.softmax(self.fc(pooled).unsqueeze(1), dim=-1).flatten(1)
+
+
+@pytest.mark.parametrize("opset", [13, 15, 17])
+def test_torchscript_exporter_opsets_13_to_17(tmp_path: Path, opset: int) -> None:
+    torch.manual_seed(0)
+    net = OpsMix().eval()
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(net, (torch.randn(1, 3, 8, 8),), str(path), dynamo=False, opset_version=opset,
+                      input_names=["x"], output_names=["p"], dynamic_axes={"x": {0: "b"}, "p": {0: "b"}})
+    loaded = load_model(path)
+    assert loaded.info.opset == opset
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        # float32 on both sides, BN folded into the conv by the exporter: 1e-4 is a wide margin
+        torch.testing.assert_close(loaded.module(x), net(x), rtol=1e-4, atol=1e-6)
+
+
+def test_initializers_listed_as_inputs(tmp_path: Path) -> None:
+    # Older exporters (keep_initializers_as_inputs=True) list every weight as a graph input too:
+    # those are weights, not inputs the user feeds.
+    path = tmp_path / "m.onnx"
+    torch.manual_seed(0)
+    net = TinyNet().eval()
+    torch.onnx.export(net, (torch.randn(1, 3, 8, 8),), str(path), dynamo=False, opset_version=13,
+                      input_names=["image"], keep_initializers_as_inputs=True)
+    assert len(onnx.load(str(path)).graph.input) > 1
+    info = inspect_model(path)
+    assert [i.name for i in info.inputs] == ["image"]
+    loaded = load_model(path)
+    assert loaded.input_names == ["image"]
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(x), net(x), rtol=1e-4, atol=1e-6)
