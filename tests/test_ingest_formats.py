@@ -15,7 +15,7 @@ from torch import nn
 from pruning_core.errors import ModelRejected
 from pruning_core.ingest import detect_format, inspect_model, load_model
 from pruning_core.ingest.onnx_loader import ort_reference, to_torch
-from pruning_core.ingest.verify import random_inputs, verify
+from pruning_core.ingest.verify import compare, random_inputs, verify
 from pruning_core.macs import count_macs, count_params, onnx_macs
 
 
@@ -273,3 +273,14 @@ def test_initializers_listed_as_inputs(tmp_path: Path) -> None:
     x = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(loaded.module(x), net(x), rtol=1e-4, atol=1e-6)
+
+
+def test_compare_tolerance_edges() -> None:
+    ref = np.array([[10.0, -20.0]], np.float32)
+    # within 1e-3 of the output scale (20): ok; just beyond: refused
+    assert compare([ref + 0.019], [ref]).ok
+    assert not compare([ref + 0.025], [ref]).ok
+    assert not compare([ref.reshape(2, 1)], [ref]).ok  # shape changed
+    assert not compare([np.full_like(ref, np.nan)], [ref]).ok  # NaN never agrees
+    # the worst output decides
+    assert not compare([ref, ref * 2], [ref, ref]).ok

@@ -58,21 +58,24 @@ def as_list(outputs: object) -> list[np.ndarray]:
     raise TypeError(f"unexpected model output type {type(outputs).__name__}")
 
 
+def _agreement(got: np.ndarray, want: np.ndarray) -> Agreement:
+    if got.shape != want.shape:
+        return Agreement(float("inf"), 0.0, False)
+    if not want.size:
+        return Agreement(0.0, 0.0, True)
+    diff = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64))))
+    scale = float(np.max(np.abs(want.astype(np.float64))))
+    return Agreement(diff, scale, bool(np.isfinite(diff)) and diff <= RTOL * scale + ATOL)
+
+
 def compare(got: list[np.ndarray], want: list[np.ndarray]) -> Agreement:
+    """The first output out of tolerance, else the output with the largest relative error."""
     assert len(got) == len(want), f"{len(got)} outputs vs {len(want)} expected"
-    worst = Agreement(0.0, 0.0, True)
-    for a, b in zip(got, want, strict=True):
-        if a.shape != b.shape:
-            return Agreement(float("inf"), 0.0, False)
-        b64, a64 = b.astype(np.float64), a.astype(np.float64)
-        diff = float(np.max(np.abs(a64 - b64))) if a.size else 0.0
-        scale = float(np.max(np.abs(b64))) if b.size else 0.0
-        ok = bool(np.isfinite(diff)) and diff <= RTOL * scale + ATOL
-        if not ok or (worst.ok and diff / max(scale, 1e-12) >= worst.relative):
-            worst = Agreement(diff, scale, ok)
-        if not ok:
-            break
-    return worst
+    results = [_agreement(a, b) for a, b in zip(got, want, strict=True)]
+    failed = [r for r in results if not r.ok]
+    if failed:
+        return failed[0]
+    return max(results, key=lambda r: r.relative, default=Agreement(0.0, 0.0, True))
 
 
 def verify(
