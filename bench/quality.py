@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -81,9 +82,11 @@ _SPLIT: DigitsSplit | None = None
 _DENSE: dict[tuple[str, int], bytes] = {}
 
 
-def _init_worker(dense: dict[tuple[str, int], bytes], smart_overrides: dict[str, Any]) -> None:
+def _init_worker(dense: dict[tuple[str, int], bytes], smart_overrides: dict[str, Any],
+                 settings: dict[str, Any]) -> None:
     global _SPLIT
     torch.set_num_threads(1)
+    _settings.update(settings)
     SMART_OVERRIDES.update(smart_overrides)
     _SPLIT = load_digits_split()
     _DENSE.update(dense)
@@ -93,8 +96,12 @@ CNN_WIDTHS = (8, 16, 32)  # half the digits.small_cnn default: 2x faster steps, 
 SMART_OVERRIDES: dict[str, Any] = {}  # --smart '{"score_init": "layer"}' for tuning runs
 
 
+_settings: dict[str, Any] = {"lr": LR, "widths": CNN_WIDTHS}  # CLI choices, copied into every worker
+
+
 def make_model(kind: str) -> nn.Module:
-    return small_cnn(widths=CNN_WIDTHS) if kind == "cnn" else small_transformer()
+    w = _settings["widths"]
+    return small_cnn(widths=(w[0], w[1], w[2])) if kind == "cnn" else small_transformer()
 
 
 def load_dense(kind: str, seed: int) -> nn.Module:
@@ -125,7 +132,8 @@ def run_job(job: Job) -> dict[str, Any]:
     gran, accel = ("nm", "gpu-2of4") if job.geometry.startswith("nm") else GEOMETRIES[job.geometry]
     parts = job.method.split("-")
     spec = PruneSpec(method="smart" if job.method == "smart" else "magnitude", granularity=gran, accelerator=accel,
-                     target_sparsity=job.sparsity, steps=job.budget, seed=job.seed, batch_size=BATCH, lr=LR,
+                     target_sparsity=job.sparsity, steps=job.budget, seed=job.seed, batch_size=BATCH,
+                     lr=_settings["lr"],
                      min_keep=MIN_KEEP, schedule=parts[1] if len(parts) > 1 else "gradual",
                      allocation=parts[2] if len(parts) > 2 else "global")
     data = TrainData(split.x_train, split.y_train, "labelled", "digits train split")
@@ -155,7 +163,7 @@ def time_steps(kind: str, geometry: str, sparsity: float, steps: int, rounds: in
     gran, accel = ("nm", "gpu-2of4") if geometry.startswith("nm") else GEOMETRIES[geometry]
     dense = load_dense(kind, 0)
     targets = logits(dense, split.x_train)
-    cfg = TrainConfig(lr=LR, batch_size=BATCH)
+    cfg = TrainConfig(lr=_settings["lr"], batch_size=BATCH)
 
     def setup(smart: bool) -> tuple[Callable[[int], None], list[nn.Parameter], SmartPruner | None]:
         model = copy.deepcopy(dense)
@@ -163,7 +171,7 @@ def time_steps(kind: str, geometry: str, sparsity: float, steps: int, rounds: in
         pruner = SmartPruner(plan, sparsity, soft_steps=steps * rounds, config=SmartConfig(**SMART_OVERRIDES))
         scores = pruner.prepare()
         params = [p for p in model.parameters() if p.requires_grad]
-        groups: list[dict[str, Any]] = [{"params": params, "lr": LR}]
+        groups: list[dict[str, Any]] = [{"params": params, "lr": _settings["lr"]}]
         if smart:
             groups.append({"params": scores, "lr": SmartConfig().score_lr})
         else:
@@ -279,36 +287,55 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", help="write the markdown report here")
     ap.add_argument("--json", help="write the raw per-run results here")
     ap.add_argument("--smart", default="{}", help="SmartConfig overrides as JSON (tuning runs)")
+    ap.add_argument("--geometries", help=f"comma list of {list(GEOMETRIES)} (default all)")
+    ap.add_argument("--sparsities", help="comma list (default 0.5,0.75,0.9,0.95,0.97)")
+    ap.add_argument("--budgets", help="comma list of step budgets (default 100,500)")
+    ap.add_argument("--seeds", type=int, default=len(SEEDS))
+    ap.add_argument("--long-budget-cells", help="run budgets above the smallest only on cells like 'block 4x4@0.97'")
+    ap.add_argument("--no-transformer", action="store_true")
+    ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--lr", type=float, default=LR, help="weight learning rate shared by every method")
+    ap.add_argument("--widths", default=",".join(map(str, CNN_WIDTHS)), help="CNN channel widths")
     args = ap.parse_args(argv)
+    _settings["lr"] = args.lr
+    _settings["widths"] = tuple(int(w) for w in args.widths.split(","))
     SMART_OVERRIDES.update(json.loads(args.smart))
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    geoms: list[str]
-    sps: tuple[float, ...]
-    budgets: tuple[int, ...]
-    seeds: tuple[int, ...]
-    nm_budgets: tuple[int, ...]
+    geoms: list[str] = args.geometries.split(",") if args.geometries else list(GEOMETRIES)
+    sps: tuple[float, ...] = tuple(float(v) for v in args.sparsities.split(",")) if args.sparsities else SPARSITIES
+    budgets: tuple[int, ...] = tuple(int(v) for v in args.budgets.split(",")) if args.budgets else BUDGETS
+    seeds: tuple[int, ...] = tuple(range(args.seeds))
+    nm_budgets: tuple[int, ...] = budgets
+    timing_steps, timing_rounds = 20, 5
     if args.quick:
         geoms, sps, budgets, seeds = ["block 4x4", "channel"], (0.9, 0.97), (100,), (0,)
         nm_budgets, timing_steps, timing_rounds = (100,), 10, 3
-    else:
-        geoms, sps, budgets, seeds = list(GEOMETRIES), SPARSITIES, BUDGETS, SEEDS
-        nm_budgets, timing_steps, timing_rounds = BUDGETS, 20, 5
+    # --long-budget-cells: the longer budget only on these "geometry@sparsity" cells (time-boxed full runs)
+    long_cells = {tuple(c.split("@")) for c in args.long_budget_cells.split(",")} if args.long_budget_cells else None
     split = load_digits_split()
-    dense = train_all_dense(split, ["cnn", "transformer"], seeds)
+    dense = train_all_dense(split, ["cnn"] + ([] if args.no_transformer else ["transformer"]), seeds)
+    def wanted(g: str, s: float, b: int) -> bool:
+        return long_cells is None or b == min(budgets) or (g, str(s)) in long_cells
+
     jobs = [Job("cnn", g, s, b, m, seed)
-            for g in geoms for s in sps for b in budgets for m in METHODS for seed in seeds]
-    jobs += [Job("transformer", "nm 2:4", 0.5, b, m, seed) for b in nm_budgets for m in NM_METHODS for seed in seeds]
+            for g in geoms for s in sps for b in budgets for m in METHODS for seed in seeds if wanted(g, s, b)]
+    if not args.no_transformer:
+        jobs += [Job("transformer", "nm 2:4", 0.5, b, m, seed)
+                 for b in nm_budgets for m in NM_METHODS for seed in seeds]
     jobs.sort(key=lambda j: -j.budget)  # long runs first: better packing across workers
     results: list[dict[str, Any]] = []
     with ProcessPoolExecutor(max_workers=args.jobs, initializer=_init_worker,
-                             initargs=(dense, SMART_OVERRIDES)) as pool:
+                             initargs=(dense, SMART_OVERRIDES, _settings)) as pool:
         for i, r in enumerate(pool.map(run_job, jobs), 1):
             results.append(r)
+            if args.json:  # partial results survive an interrupted run
+                with open(args.json + ".partial", "a") as f:
+                    f.write(json.dumps(r) + "\n")
             if i % 20 == 0 or i == len(jobs):
                 print(f"{i}/{len(jobs)} runs, {time.perf_counter() - t_start:.0f} s", flush=True)
-        timing_args = [("cnn", "block 4x4", 0.9, timing_steps, timing_rounds),
+        timing_args = [] if args.no_timing else [("cnn", "block 4x4", 0.9, timing_steps, timing_rounds),
                        ("cnn", "block 1x4", 0.9, timing_steps, timing_rounds),
                        ("transformer", "nm 2:4", 0.5, timing_steps, timing_rounds)]
         timing = list(pool.map(_timing_job, timing_args))
@@ -318,14 +345,13 @@ def main(argv: list[str] | None = None) -> None:
     dense_acc = {k: v for k, v in ((seed, statistics.fmean([r["dense_accuracy"] for r in results
                                                             if r["model"] == "cnn" and r["seed"] == seed]))
                                    for seed in seeds)}
-    cmd = "python -m bench.quality" + (" --quick" if args.quick else "") + f" --jobs {args.jobs}"
-    if SMART_OVERRIDES:
-        cmd += f" --smart '{json.dumps(SMART_OVERRIDES)}'"
+    cmd = "python -m bench.quality " + " ".join(f"'{a}'" if " " in a else a for a in (argv or sys.argv[1:]))
     lines = [
         "# Quality: SMART vs magnitude pruning (digits)", "",
         f"Date: {started}. Machine: {machine()}. Command: `{cmd}`. Total wall time: {wall / 60:.1f} min.", "",
         f"Dense CNN test accuracy per seed: {', '.join(f'{100 * a:.1f}%' for a in dense_acc.values())}. "
-        f"Every method: {BATCH}-sample batches, weight lr {LR} (Adam), distillation from the dense model, "
+        f"CNN widths {_settings['widths']}. Every method: {BATCH}-sample batches, "
+        f"weight lr {_settings['lr']} (Adam), distillation from the dense model, "
         f"min_keep {MIN_KEEP}, same number of steps (the budget). SMART: "
         f"{json.dumps({k: v for k, v in SmartConfig(**SMART_OVERRIDES).to_dict().items() if k != 'device'})}.",
         tables(cnn, METHODS, geoms, sps, budgets),

@@ -1,10 +1,10 @@
 """Differentiable top-k with an exact budget (SMART, Ding et al., arXiv 2403.19969, Sec. "differentiable top-k").
 
 Soft mask f_i = sigmoid(m_i / tau + t), with the scalar shift t chosen so that sum_i f_i = k exactly.
-t is found on the device with a fixed-length vectorised bisection followed by a few safeguarded Newton steps
-(no `.item()`, no host sync), in float64 so the budget holds to ~1e-9 even for tau = 1e-3 and wide score
-ranges. Scores are centred on the k-th largest value first, so the arguments near the threshold are O(1)
-and keep full precision however large m / tau is.
+t is found on the device with a fixed number of safeguarded Newton iterations (bisection whenever Newton
+leaves the bracket; no `.item()`, no host sync), in float64 so the budget holds to ~1e-9 even for tau = 1e-3
+and wide score ranges. Scores are centred between the k-th and (k+1)-th largest values first, so arguments
+near the threshold are O(1) and keep full precision however large m / tau is.
 
 Backward is the implicit-differentiation Jacobian (t depends on m through the budget constraint):
     d f_i / d m_j = (1 / tau) * (delta_ij * s_i - s_i * s_j / sum_l s_l),   s_i = f_i (1 - f_i)
@@ -22,29 +22,32 @@ from typing import Any
 import torch
 from torch import Tensor
 
-BISECTION_ITERS = 48  # bracket shrinks by 2^-48 (~1e-14 relative), then Newton polishes to float64 precision
-NEWTON_ITERS = 3  # polish: quadratic convergence from the bisection point, clamped to the final bracket
+SOLVER_ITERS = 16  # safeguarded Newton: quadratic near the root, bisection when a Newton step leaves the bracket
 
 
 def solve_shift(z: Tensor, k: int) -> Tensor:
-    """t[R, 1] with sum_i sigmoid(z[r, i] + t[r]) = k for every row (z float64, 0 < k < N)."""
+    """t[R, 1] with sum_i sigmoid(z[r, i] + t[r]) = k for every row (z float64, centred, 0 < k < N).
+
+    Fixed iteration count, everything on z's device, no host sync. Start at t = 0, which (z being centred
+    between its k-th and (k+1)-th largest values) already solves the problem when the mask is nearly hard;
+    each iteration takes the Newton step if it stays inside the current bracket and bisects otherwise.
+    """
     n = z.shape[-1]
     assert 0 < k < n, f"budget k={k} must be in (0, {n}) (k = 0 or N has no soft mask to learn)"
     base = math.log(k / (n - k))  # logit(k / n): sum = k if all z were equal
     # t_lo makes every term <= k/n (sum <= k); t_hi makes every term >= k/n (sum >= k).
     lo = base - z.amax(dim=-1, keepdim=True)
     hi = base - z.amin(dim=-1, keepdim=True)
-    for _ in range(BISECTION_ITERS):
-        mid = 0.5 * (lo + hi)
-        too_big = torch.sigmoid(z + mid).sum(dim=-1, keepdim=True) > k
-        hi = torch.where(too_big, mid, hi)
-        lo = torch.where(too_big, lo, mid)
-    t = 0.5 * (lo + hi)
-    for _ in range(NEWTON_ITERS):
+    t = torch.zeros_like(lo).clamp(lo, hi)
+    for _ in range(SOLVER_ITERS):
         f = torch.sigmoid(z + t)
         g = f.sum(dim=-1, keepdim=True) - k
-        d = (f * (1 - f)).sum(dim=-1, keepdim=True).clamp_min(1e-300)
-        t = torch.minimum(torch.maximum(t - g / d, lo), hi)
+        hi = torch.where(g > 0, t, hi)
+        lo = torch.where(g > 0, lo, t)
+        d = (f * (1 - f)).sum(dim=-1, keepdim=True)
+        newton = t - g / d.clamp_min(1e-300)
+        inside = (newton >= lo) & (newton <= hi) & (d > 0)
+        t = torch.where(inside, newton, 0.5 * (lo + hi))
     return t
 
 
@@ -56,9 +59,10 @@ class SoftTopK(torch.autograd.Function):
         assert scores.dim() == 2, f"scores must be [rows, N], got shape {tuple(scores.shape)}"
         assert tau > 0, f"temperature must be positive, got {tau}"
         z = scores.detach().double() / tau
-        # centre each row on its k-th largest value: near-threshold arguments become O(1) (precision)
-        kth = torch.topk(z, k, dim=-1).values[..., -1:]
-        z = z - kth
+        # centre each row between its k-th and (k+1)-th largest values: near-threshold arguments become O(1)
+        # (precision), and t = 0 is the hard top-k threshold (a good start for the solver)
+        top = torch.topk(z, k + 1, dim=-1).values
+        z = z - 0.5 * (top[..., k - 1 : k] + top[..., k : k + 1])
         f = torch.sigmoid(z + solve_shift(z, k))
         ctx.save_for_backward(f)
         ctx.tau = tau
