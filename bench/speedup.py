@@ -34,7 +34,7 @@ import torch
 import torchvision
 from torch import nn
 
-from pruning_core.accelerators import BUILTIN_PROFILES
+from pruning_core.accelerators import BUILTIN_PROFILES, resolve_profile
 from pruning_core.export import export_onnx
 from pruning_core.geometry import build_plan
 from pruning_core.ingest import load_model
@@ -46,9 +46,12 @@ TARGET_MACS = 0.5  # kept fraction of dense MACs
 MACS_TOL = 0.01  # bisection stops within 1 percentage point of the target
 
 
+PROFILE = BUILTIN_PROFILES["cpu"]  # channel multiple 8 (AVX2 SIMD width); --channel-multiple overrides
+
+
 def _prune(module: nn.Module, sparsity: float, x: torch.Tensor, allocation: str) -> tuple[nn.Module, Any]:
     m = copy.deepcopy(module)
-    plan = build_plan(m, x, "channel", BUILTIN_PROFILES["cpu"])
+    plan = build_plan(m, x, "channel", PROFILE)
     masks = plan.select([s.detach() for s in plan.group_norms()], sparsity, allocation=allocation)
     return plan.finalize(masks), plan
 
@@ -218,10 +221,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (fixed for dense and pruned)")
     ap.add_argument("--seconds", type=float, default=60.0, help="max seconds of timing per model pair")
     ap.add_argument("--allocation", default="uniform", choices=["uniform", "global"])
+    ap.add_argument("--channel-multiple", type=int, default=None,
+                    help="round kept channels to this instead of the cpu profile's 8 (investigation)")
     ap.add_argument("--profile-ops", action="store_true", help="also break latency down by ONNX op type")
     ap.add_argument("--out", type=Path, default=None, help="write the markdown here")
     ap.add_argument("--json", type=Path, default=None, help="raw results as JSON")
     args = ap.parse_args()
+    global PROFILE
+    if args.channel_multiple:
+        PROFILE = resolve_profile({"name": f"cpu-x{args.channel_multiple}", "channel_multiple": args.channel_multiple})
     started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     mach = machine()
     rows = []
@@ -233,7 +241,8 @@ def main() -> None:
             print(table(rows[-1:]), file=sys.stderr)
     cmd = "python bench/speedup.py " + " ".join(sys.argv[1:])
     md = [f"Date: {started}. Machine: {mach}. ORT threads: {args.threads} (intra-op), sequential, "
-          f"all graph optimisations. Allocation: {args.allocation}. Command: `{cmd}`", "", table(rows)]
+          f"all graph optimisations. Allocation: {args.allocation}, profile {PROFILE.name} (channel multiple "
+          f"{PROFILE.channel_multiple}). Command: `{cmd}`", "", table(rows)]
     if args.profile_ops:
         md += ["", *[op_table(r) + "\n" for r in rows]]
     text = "\n".join(md)
