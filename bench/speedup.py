@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -115,8 +116,8 @@ def node_profiles(paths: list[Path], threads: int, runs: int = 40, warmup: int =
                 per_out = math.prod(w[1:]) if a["op_name"] in ("Conv", "FusedConv") else w[0]
                 macs = math.prod(o) * per_out
             nodes[name] = {"op": a["op_name"], "macs": macs}
-        for name, t in times.items():  # drop the warm-up runs
-            nodes[name]["ms"] = sum(t[warmup:]) / max(len(t) - warmup, 1)
+        for name, t in times.items():  # median over the timed runs: one preempted run must not dominate
+            nodes[name]["ms"] = statistics.median(t[warmup:] or t)
         out.append(nodes)
     return out
 
@@ -189,7 +190,7 @@ def op_table(r: dict[str, Any], top: int = 8) -> str:
         if name not in dn:
             by_op[p["op"]][1] += p["ms"]
     td, tp = sum(v[0] for v in by_op.values()), sum(v[1] for v in by_op.values())
-    lines = [f"**{r['model']}**, ORT profiler, ms per run by op type (fused Conv+Add+Relu count as Conv):", "",
+    lines = [f"**{r['model']}**, ORT profiler, median ms per run by op type (fused Conv+Add+Relu count as Conv):", "",
              "| op | dense ms | pruned ms | speedup |", "| --- | ---: | ---: | ---: |"]
     for op, (a, b) in sorted(by_op.items(), key=lambda kv: -kv[1][0]):
         lines.append(f"| {op} | {a:.2f} | {b:.2f} | {a / b if b else float('inf'):.2f}x |")
