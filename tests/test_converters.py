@@ -171,13 +171,27 @@ def test_matmul_with_constant_weight_is_trainable_linear(tmp_path: Path) -> None
     linears = [m for m in loaded.module.modules() if isinstance(m, nn.Linear)]
     assert len(linears) == 1 and linears[0].weight.shape == (5, 8)
     np.testing.assert_array_equal(linears[0].weight.detach().numpy(), w.T)
-    # The bias of the separate Add is an initializer: it must be a trainable Parameter, not a buffer.
+    # The separate Add of a constant vector became the Linear's bias (fx_passes.fuse_linear_bias).
+    assert linears[0].bias is not None
+    np.testing.assert_array_equal(linears[0].bias.detach().numpy(), b)
+    assert not [n for n in loaded.module.graph.nodes if n.op == "get_attr"]
     params = dict(loaded.module.named_parameters())
-    assert any(p.shape == (5,) and np.array_equal(p.detach().numpy(), b) for p in params.values())
-    assert all(p.requires_grad for p in params.values())
+    assert len(params) == 2 and all(p.requires_grad for p in params.values())
     assert not [n for n, t in loaded.module.named_buffers() if t.is_floating_point()]
     x = _x(2, 3, 8)
     _assert_same(_torch(loaded.module, x), _ort(path, {"x": x}))
+
+
+def test_add_of_activation_is_not_fused_as_bias(tmp_path: Path) -> None:
+    # MatMul + Add where the added tensor is another input, not a constant: must stay an Add.
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "r"], ["y"])]
+    path = _model(tmp_path, nodes, [("x", [2, 8], TensorProto.FLOAT), ("r", [2, 5], TensorProto.FLOAT)], ["y"],
+                  {"w": _x(8, 5)})
+    loaded = load_model(path)
+    linear = next(m for m in loaded.module.modules() if isinstance(m, nn.Linear))
+    assert linear.bias is None
+    x, r = _x(2, 8), _x(2, 5) + 1
+    _assert_same(_torch(loaded.module, x, r), _ort(path, {"x": x, "r": r}))
 
 
 def test_matmul_of_two_activations_stays_matmul(tmp_path: Path) -> None:

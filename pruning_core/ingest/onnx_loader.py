@@ -18,6 +18,7 @@ from torch import fx, nn
 from pruning_core.errors import ModelRejected, UnsupportedOp
 from pruning_core.ingest import converters
 from pruning_core.ingest.formats import load_onnx_proto
+from pruning_core.ingest.fx_passes import fuse_linear_bias
 from pruning_core.ingest.normalize import normalize
 from pruning_core.ingest.onnx_graph import (
     default_opset,
@@ -108,6 +109,7 @@ def to_torch(model: onnx.ModelProto) -> fx.GraphModule:
     except Exception as exc:
         raise ModelRejected(f"converting the ONNX graph to torch failed: {type(exc).__name__}: {exc}") from exc
     promote_weights(module)
+    fuse_linear_bias(module)
     module = module.float().eval()
     for param in module.parameters():
         param.requires_grad_(True)
