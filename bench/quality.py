@@ -65,7 +65,7 @@ METHODS = ("mag-oneshot-global", "mag-oneshot-uniform", "mag-gradual-global", "m
 NM_METHODS = ("mag-oneshot", "mag-gradual", "smart")
 LR, BATCH = 1e-3, 32  # shared by every method (the fine-tuning recipe is not what is compared)
 MIN_KEEP = 0.01  # every layer keeps >= 1% of its groups; 0.05 (the product default) would exceed the 0.97 budget
-DENSE_STEPS = {"cnn": 800, "transformer": 1500}
+DENSE_STEPS = {"cnn": 800, "transformer": 1000}
 
 
 @dataclass(frozen=True)
@@ -294,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--long-budget-cells", help="run budgets above the smallest only on cells like 'block 4x4@0.97'")
     ap.add_argument("--no-transformer", action="store_true")
     ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--report-from", help="render the report from a <json>.partial file of an interrupted run")
     ap.add_argument("--lr", type=float, default=LR, help="weight learning rate shared by every method")
     ap.add_argument("--widths", default=",".join(map(str, CNN_WIDTHS)), help="CNN channel widths")
     args = ap.parse_args(argv)
@@ -314,8 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         nm_budgets, timing_steps, timing_rounds = (100,), 10, 3
     # --long-budget-cells: the longer budget only on these "geometry@sparsity" cells (time-boxed full runs)
     long_cells = {tuple(c.split("@")) for c in args.long_budget_cells.split(",")} if args.long_budget_cells else None
-    split = load_digits_split()
-    dense = train_all_dense(split, ["cnn"] + ([] if args.no_transformer else ["transformer"]), seeds)
+
     def wanted(g: str, s: float, b: int) -> bool:
         return long_cells is None or b == min(budgets) or (g, str(s)) in long_cells
 
@@ -324,31 +324,54 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_transformer:
         jobs += [Job("transformer", "nm 2:4", 0.5, b, m, seed)
                  for b in nm_budgets for m in NM_METHODS for seed in seeds]
-    jobs.sort(key=lambda j: -j.budget)  # long runs first: better packing across workers
+    # transformer first, then the whole short-budget grid, then the long budget: a time-boxed run that is
+    # stopped early (see --report-from) still has complete short-budget tables
+    jobs.sort(key=lambda j: (j.model == "cnn", j.budget))
     results: list[dict[str, Any]] = []
-    with ProcessPoolExecutor(max_workers=args.jobs, initializer=_init_worker,
-                             initargs=(dense, SMART_OVERRIDES, _settings)) as pool:
-        for i, r in enumerate(pool.map(run_job, jobs), 1):
-            results.append(r)
-            if args.json:  # partial results survive an interrupted run
-                with open(args.json + ".partial", "a") as f:
-                    f.write(json.dumps(r) + "\n")
-            if i % 20 == 0 or i == len(jobs):
-                print(f"{i}/{len(jobs)} runs, {time.perf_counter() - t_start:.0f} s", flush=True)
-        timing_args = [] if args.no_timing else [("cnn", "block 4x4", 0.9, timing_steps, timing_rounds),
-                       ("cnn", "block 1x4", 0.9, timing_steps, timing_rounds),
-                       ("transformer", "nm 2:4", 0.5, timing_steps, timing_rounds)]
-        timing = list(pool.map(_timing_job, timing_args))
-    wall = time.perf_counter() - t_start
+    timing: list[dict[str, Any]] = []
+    if args.report_from:  # render the tables from the results an interrupted run left behind
+        with open(args.report_from) as f:
+            for line in f:
+                rec = json.loads(line)
+                (timing if "ratio" in rec else results).append(rec)
+        started, wall = "see the partial run", float("nan")
+    else:
+        split = load_digits_split()
+        dense = train_all_dense(split, ["cnn"] + ([] if args.no_transformer else ["transformer"]), seeds)
+        partial = open(args.json + ".partial", "w") if args.json else None  # noqa: SIM115
+        with ProcessPoolExecutor(max_workers=args.jobs, initializer=_init_worker,
+                                 initargs=(dense, SMART_OVERRIDES, _settings)) as pool:
+            timing_args = [] if args.no_timing else [
+                ("cnn", "block 4x4", 0.9, timing_steps, timing_rounds),
+                ("cnn", "block 1x4", 0.9, timing_steps, timing_rounds),
+                ("transformer", "nm 2:4", 0.5, timing_steps, timing_rounds)]
+            if args.no_transformer:
+                timing_args = [t for t in timing_args if t[0] != "transformer"]
+            for t in pool.map(_timing_job, timing_args):
+                timing.append(t)
+                if partial:
+                    partial.write(json.dumps(t) + "\n")
+                    partial.flush()
+            print(f"timing done, {time.perf_counter() - t_start:.0f} s", flush=True)
+            for i, r in enumerate(pool.map(run_job, jobs), 1):
+                results.append(r)
+                if partial:  # partial results survive an interrupted run
+                    partial.write(json.dumps(r) + "\n")
+                    partial.flush()
+                if i % 20 == 0 or i == len(jobs):
+                    print(f"{i}/{len(jobs)} runs, {time.perf_counter() - t_start:.0f} s", flush=True)
+        if partial:
+            partial.close()
+        wall = time.perf_counter() - t_start
     cnn = [r for r in results if r["model"] == "cnn"]
     tr = [r for r in results if r["model"] == "transformer"]
-    dense_acc = {k: v for k, v in ((seed, statistics.fmean([r["dense_accuracy"] for r in results
-                                                            if r["model"] == "cnn" and r["seed"] == seed]))
-                                   for seed in seeds)}
+    dense_acc = {seed: statistics.fmean([r["dense_accuracy"] for r in cnn if r["seed"] == seed])
+                 for seed in seeds if any(r["seed"] == seed for r in cnn)}
     cmd = "python -m bench.quality " + " ".join(f"'{a}'" if " " in a else a for a in (argv or sys.argv[1:]))
     lines = [
         "# Quality: SMART vs magnitude pruning (digits)", "",
-        f"Date: {started}. Machine: {machine()}. Command: `{cmd}`. Total wall time: {wall / 60:.1f} min.", "",
+        f"Date: {started}. Machine: {machine()}. Command: `{cmd}`. "
+        f"Total wall time: {wall / 60:.1f} min, {len(results)} runs.", "",
         f"Dense CNN test accuracy per seed: {', '.join(f'{100 * a:.1f}%' for a in dense_acc.values())}. "
         f"CNN widths {_settings['widths']}. Every method: {BATCH}-sample batches, "
         f"weight lr {_settings['lr']} (Adam), distillation from the dense model, "

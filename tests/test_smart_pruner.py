@@ -146,7 +146,7 @@ def test_soft_phase_trains_scores_and_anneals() -> None:
 def test_scores_get_gradients_and_start_as_magnitude() -> None:
     model = tiny_cnn()
     plan = build_plan(model, X, "block", PruneSpec(accelerator="npu-4x4", granularity="block").profile)
-    pruner = SmartPruner(plan, 0.75, soft_steps=10, config=SmartConfig())
+    pruner = SmartPruner(plan, 0.75, soft_steps=10, config=SmartConfig())  # "auto" = "global" for block
     (scores,) = pruner.prepare()
     norms = [u.group_norms() / u.group_sizes().sqrt() for u in plan.units]
     # step 0 of SMART is global magnitude pruning: same hard selection from init scores and from norms

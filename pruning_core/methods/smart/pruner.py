@@ -83,7 +83,10 @@ class SmartPruner:
         self.plan.attach()
         for idx in (self.dense_idx, self.nm_idx):
             if idx:
-                s = init_scores([self.plan.units[i] for i in idx], self.cfg.score_init)
+                mode = self.cfg.score_init
+                if mode == "auto":
+                    mode = "layer" if self.plan.granularity == "channel" else "global"
+                s = init_scores([self.plan.units[i] for i in idx], mode)
                 self.scores.append(nn.Parameter(s.to(device) if device is not None else s))
         return self.scores
 
