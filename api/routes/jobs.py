@@ -35,7 +35,10 @@ def create_job(body: JobRequest, response: Response, session: SessionDep, tenant
     spec_d = body.spec_dict()
     if "input_shape" not in spec_d and model.input_shape:
         spec_d["input_shape"] = list(model.input_shape)
-    spec = PruneSpec.from_dict(spec_d)  # InvalidRequest -> 422 with PruneSpec's message
+    try:
+        spec = PruneSpec.from_dict(spec_d)  # InvalidRequest -> 422 with PruneSpec's message
+    except (TypeError, ValueError) as e:  # e.g. a string where PruneSpec compares numbers
+        raise Problem(422, f"invalid job parameters: {e}") from e
     job = Job(
         id=new_id(), tenant_id=tenant.id, model_id=model.id, dataset_id=body.dataset_id, method=spec.method,
         granularity=spec.resolved_granularity, accelerator=spec.accelerator, spec=spec.to_dict(),

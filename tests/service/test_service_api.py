@@ -145,6 +145,7 @@ def test_job_submission_queues_only_the_id(api: ApiHarness, tiny_onnx: Path, red
     ({"granularity": "block", "accelerator": "cpu"}, "block"),
     ({"frobnicate": 1}, "frobnicate"),
     ({"method": "3d", "target_sparsity": None}, "flops_target"),
+    ({"min_keep": "lots"}, "invalid job parameters"),
 ])
 def test_invalid_job_requests_are_problem_422(api: ApiHarness, tiny_onnx: Path, patch: dict[str, object],
                                               needle: str) -> None:
