@@ -85,7 +85,7 @@ class DigitsResNet(nn.Module):
 def to_converted(model: nn.Module, example: Tensor) -> fx.GraphModule:
     """Export to ONNX (BN folds into the convs) and convert back, as an uploaded model would be."""
     buf = io.BytesIO()
-    torch.onnx.export(model.eval(), (example,), buf, dynamo=False, opset_version=17, input_names=["input"],
+    torch.onnx.export(model.eval(), (example,), buf, dynamo=False, opset_version=17, input_names=["input"],  # type: ignore[arg-type]
                       output_names=["logits"], dynamic_axes={"input": {0: "batch"}})
     return onnx2torch.convert(onnxslim.slim(onnx.load_from_string(buf.getvalue())))
 

@@ -35,7 +35,7 @@ from pruning_core.methods.three_d.sampling import (
     run_chains,
 )
 from pruning_core.methods.three_d.solve import Candidate, SolveResult, solve_budget
-from pruning_core.methods.three_d.width import ChannelScorer, kept_counts, magnitude_scores
+from pruning_core.methods.three_d.width import ChannelScorer, kept_counts, magnitude_scores, smart_scorer
 from pruning_core.progress import StageProgress
 from pruning_core.spec import PruneSpec
 from pruning_core.train import TrainConfig
@@ -58,8 +58,9 @@ class ThreeDConfig:
     budget_floor: float = 0.85  # chosen MACs must land in [floor * budget, budget] (the paper's equality, banded)
     search: str = "poly"  # "poly": maximise the fitted F; "macs": largest real MACs under budget (no samples)
     final_steps: int | None = None  # fine-tuning of the final model; None: spec.steps
-    scorer: ChannelScorer = magnitude_scores  # which channels go; SMART channel scores can be plugged in
-    scorer_name: str = "magnitude"
+    channel_scores: str = "magnitude"  # which channels go: "magnitude" (group L2 norm) | "smart" (learned)
+    smart_steps: int = 30  # "smart": soft-phase steps spent learning the scores at each width pruning
+    scorer: ChannelScorer | None = None  # a custom scorer overrides channel_scores
     presampled: PreSampled | None = None  # reuse another run's samples (they do not depend on the target)
 
 
@@ -117,7 +118,14 @@ def run_3d(model: nn.Module, teacher: nn.Module | None, example_input_shape: lis
     assert not bad, f"unknown axes {sorted(bad)}"
     teacher = teacher if teacher is not None else copy.deepcopy(model).eval()
     x = _example(example_input_shape, data)
-    builder = Builder(model, x, spec.profile, cfg.scorer, spec.min_keep)
+    if cfg.channel_scores not in ("magnitude", "smart"):
+        raise InvalidRequest(f"channel_scores must be 'magnitude' or 'smart', got {cfg.channel_scores!r}")
+    train, val = data.split(cfg.val_fraction, spec.seed)
+    tcfg = TrainConfig(lr=spec.lr, batch_size=spec.batch_size, seed=spec.seed)
+    scorer = cfg.scorer or (
+        smart_scorer(teacher, train, cfg.smart_steps, tcfg) if cfg.channel_scores == "smart"
+        else magnitude_scores)
+    builder = Builder(model, x, spec.profile, scorer, spec.min_keep)
     sizes: list[tuple[int, ...]] = (
         candidate_sizes(model, x, cfg.min_resolution) if "resolution" in cfg.axes else [builder.full])
     available = tuple(a for a in cfg.axes if {"depth": builder.n_blocks > 0, "width": builder.width_units > 0,
@@ -127,8 +135,7 @@ def run_3d(model: nn.Module, teacher: nn.Module | None, example_input_shape: lis
             f"3d pruning found nothing to prune along {', '.join(cfg.axes)}: no residual blocks with an identity "
             "skip, no prunable channel groups, and no smaller input size the model accepts (it needs global "
             "pooling before its head)")
-    train, val = data.split(cfg.val_fraction, spec.seed)
-    ev = Evaluator(teacher, train, val, TrainConfig(lr=spec.lr, batch_size=spec.batch_size, seed=spec.seed))
+    ev = Evaluator(teacher, train, val, tcfg)
     dense_macs = builder.macs(model)
     budget = spec.flops_target * dense_macs
 
@@ -175,7 +182,8 @@ def run_3d(model: nn.Module, teacher: nn.Module | None, example_input_shape: lis
         return dense_macs * depth_macs[c.blocks_removed] * fw(c.w) * (c.r ** 2)
 
     def real(c: Candidate) -> int:
-        return builder.macs(builder.build(order[: c.blocks_removed], c.keep, c.size))
+        # MACs depend on how many channels go, not which: magnitude scores build it fast.
+        return builder.macs(builder.build(order[: c.blocks_removed], c.keep, c.size, scorer=magnitude_scores))
 
     def predict(c: Candidate, fitted: LowRankPoly | None = poly) -> float:
         return estimate(c) if fitted is None else fitted(c.d, c.w, c.r)
@@ -211,7 +219,7 @@ def run_3d(model: nn.Module, teacher: nn.Module | None, example_input_shape: lis
         "blocks": {"removable": [b.to_dict() for b in builder.blocks], "removed": order[: best.blocks_removed],
                    "criterion": "relative branch norm ||f(x)|| / ||x|| on calibration data, re-ranked after each "
                                 "fine-tuned removal in the depth chain; smaller is removed first"},
-        "channels": {"scorer": cfg.scorer_name, "keep_asked": best.keep,
+        "channels": {"scorer": "custom" if cfg.scorer is not None else cfg.channel_scores, "keep_asked": best.keep,
                      "channel_multiple": spec.profile.channel_multiple},
         "score_metric": ev.metric,
         "samples": [s.to_dict() for s in samples],

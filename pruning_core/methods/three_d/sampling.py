@@ -75,7 +75,7 @@ class Builder:
         return torch.zeros((1, self.x.shape[1], *size), device=self.device)
 
     def build(self, removed: Sequence[str], keep: float, size: tuple[int, ...],
-              base: nn.Module | None = None) -> nn.Module:
+              base: nn.Module | None = None, scorer: ChannelScorer | None = None) -> nn.Module:
         """`base` (default: the original) with `removed` blocks gone, `keep` channels kept, run at `size`."""
         m, _ = unwrap(base if base is not None else self.model)
         if removed:
@@ -84,7 +84,7 @@ class Builder:
         else:
             m = copy.deepcopy(m)
         if keep < 1.0 and self.width_units:
-            m = prune_width(m, self.x, keep, self.profile, self.scorer, self.min_keep).module
+            m = prune_width(m, self.x, keep, self.profile, scorer or self.scorer, self.min_keep).module
         if size and tuple(size) != self.full:
             return ResizeInput(m, (int(size[0]), int(size[1])))
         return m
