@@ -218,3 +218,21 @@ def test_accelerators_match_the_builtin_profiles(api: ApiHarness) -> None:
     got = {p["name"]: p for p in api.client.get("/v1/accelerators", headers=api.h()).json()}
     assert set(got) == set(BUILTIN_PROFILES)
     assert got["npu-4x4"]["block_shape"] == [4, 4] and got["gpu-2of4"]["nm"] == [2, 4]
+
+
+def test_torchscript_needs_an_input_shape(api: ApiHarness, tmp_path: Path) -> None:
+    import torch
+    from torch import nn
+
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten()).eval()
+    path = tmp_path / "tiny.pt"
+    torch.jit.trace(m, torch.randn(1, 3, 8, 8)).save(str(path))
+    r = upload(api, path)
+    assert r.status_code == 422 and "input_shape" in r.json()["detail"], r.text
+    r = upload(api, path, input_shape="1,3,8,8")
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["format"] == "torchscript" and body["input_shape"] == [1, 3, 8, 8]
+    assert body["macs"] == 6 * 6 * 8 * 3 * 9  # one 3x3 conv, 8 out channels, 6x6 output
+    bad = upload(api, path, input_shape="1,3,x")
+    assert bad.status_code == 422 and "input_shape" in bad.json()["detail"]
