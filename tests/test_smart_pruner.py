@@ -164,3 +164,23 @@ def test_scores_get_gradients_and_start_as_magnitude() -> None:
 def test_config_rejects_impossible_soft_fraction(bad: float) -> None:
     with pytest.raises(AssertionError, match="soft_fraction"):
         SmartConfig(soft_fraction=bad)
+
+
+def test_nm_on_ingested_transformer_covers_the_qkv_matmul(tmp_path) -> None:
+    """Through ONNX ingestion, MultiheadAttention's packed QKV MatMul (constant weight) becomes a prunable Linear."""
+    from pruning_core.ingest import load_model
+
+    path = tmp_path / "tr.onnx"
+    torch.onnx.export(TinyTransformer().eval(), (X,), str(path), dynamo=False, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})  # fine-tuning runs batches of 8
+    model = load_model(path).module
+    plan, res = smart(model, "nm", "gpu-2of4")
+    shapes = {tuple(u.module.weight.shape) for u in plan.units}
+    assert (48, 16) in shapes, f"the 3 x 16 QKV projection must be an N:M unit, units have {shapes}"
+    for u in plan.units:
+        nz = (u.module.weight.detach() != 0).reshape(u.module.weight.shape[0], -1, 4).sum(-1)
+        assert bool((nz == 2).all()), f"{u.name}: not exactly 2 non-zeros in every run of 4"
+    with torch.no_grad():
+        expected = res.module(X).numpy()
+    out, _ = onnx_run(res.module, str(tmp_path / "tr_pruned.onnx"))
+    np.testing.assert_allclose(out, expected, atol=1e-4)  # float32 rounding only, as above
