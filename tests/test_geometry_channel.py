@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import onnx
 import onnx2torch
@@ -15,6 +16,7 @@ from torch import nn
 
 from pruning_core.accelerators import BUILTIN_PROFILES, AcceleratorProfile
 from pruning_core.geometry import ChannelUnit, PruningPlan, build_plan
+from pruning_core.ingest import load_model
 
 CPU = BUILTIN_PROFILES["cpu"]  # channel_multiple 8
 
@@ -188,6 +190,22 @@ def test_converted_resnet18_channel_pruned_runs() -> None:
     convs = [m for m in pruned.modules() if isinstance(m, nn.Conv2d)]
     assert all(c.out_channels % 8 == 0 for c in convs)
     assert sum(c.out_channels for c in convs) < 0.6 * sum(r.weight_shape[0] for r in plan.layers[:-1])
+
+
+@pytest.mark.slow
+def test_dynamo_exported_resnet18_static_flatten_target_follows_pruning(tmp_path: Path) -> None:
+    """The dynamo exporter flattens with a constant Reshape target [1, 512]; it must become [1, kept]."""
+    torch.manual_seed(6)
+    x = torch.randn(1, 3, 64, 64)
+    path = tmp_path / "r18.onnx"
+    torch.onnx.export(torchvision.models.resnet18(weights=None).eval(), (x,), str(path), dynamo=True,
+                      input_names=["input"], output_names=["logits"])
+    model = load_model(path, [1, 3, 64, 64], verify=False).module
+    plan = build_plan(model, x, "channel", CPU)
+    hard = plan.select(plan.group_norms(), 0.5, "uniform", 0.05)
+    pruned = _prune_and_compare(plan, model, x, hard)
+    assert any("reshape target [1, 512] -> [1, 256]" in n for n in plan.notes), plan.notes
+    assert pruned(x).shape == (1, 1000)
 
 
 @pytest.mark.slow

@@ -10,12 +10,14 @@ the channel exactly zero everywhere it is produced; `finalize` then removes the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from pruning_core.errors import HwpruneError
 from pruning_core.geometry.masking import MaskFn, raw_tensor
 from pruning_core.geometry.policy import CONV_TYPES
 from pruning_core.geometry.units import PruningUnit
@@ -227,3 +229,74 @@ def touches_output(dg: tp.DependencyGraph, group: tp.dependency.Group) -> bool:
         if dg.is_out_channel_pruning_fn(dep.handler) and len(dep.target.outputs) == 0:
             return True
     return False
+
+
+def _reshape_modules(model: nn.Module) -> list[nn.Module]:
+    """Converted-graph Reshape ops (onnx2torch `OnnxReshape`, ingest's `ReshapeAllowZero`): forward(x, shape)."""
+    return [m for m in model.modules() if "Reshape" in type(m).__name__ and not list(m.children())]
+
+
+def _target_after(target: list[int], before: tuple[int, ...], after: tuple[int, ...]) -> list[int]:
+    """The reshape target that does to `after` what `target` did to `before` (channel count changed only)."""
+    if -1 in target or math.prod(after) == math.prod(d if d else before[i] for i, d in enumerate(target)):
+        return target
+    if len(target) == 2 and target[0] in (before[0], 0):  # flatten (N, C, ...) -> (N, C*...)
+        return [target[0], math.prod(after[1:])]
+    if len(target) >= 2 and len(before) >= 2 and target[1] == before[1]:  # (N, C, ...) keeps C at dim 1
+        return [target[0], after[1], *target[2:]]
+    return target
+
+
+class ReshapeTargets:
+    """Constant Reshape targets of a converted graph, re-derived after channels are removed.
+
+    ONNX graphs exported with a static batch (the dynamo exporter's default) flatten with constant targets
+    like [1, 512]; once 512 channels become 256 that constant is stale. `record` notes each reshape's input
+    shape and target on the dense model; `fix` runs the pruned model once and rewrites stale targets in place
+    (the constant tensor the graph reads), so the model, and its ONNX re-export, follow the new widths.
+    """
+
+    def __init__(self, model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) -> None:
+        self.model, self.example_input = model, example_input
+        self.seen: dict[nn.Module, tuple[tuple[int, ...], list[int]]] = {}
+        self.users: dict[int, set[nn.Module]] = {}
+
+        def rec(m: nn.Module, args: tuple[object, ...]) -> None:
+            if len(args) >= 2 and isinstance(args[0], Tensor) and isinstance(args[1], Tensor):
+                self.seen[m] = (tuple(args[0].shape), [int(v) for v in args[1].tolist()])
+                self.users.setdefault(id(args[1]), set()).add(m)
+
+        self._run(rec)
+
+    def _run(self, hook: object) -> None:
+        handles = [m.register_forward_pre_hook(hook) for m in _reshape_modules(self.model)]  # type: ignore[arg-type]
+        try:
+            with torch.no_grad():
+                args = self.example_input if isinstance(self.example_input, tuple) else (self.example_input,)
+                self.model(*args)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def fix(self) -> list[str]:
+        """Rewrite stale targets; returns a note per rewrite. Raises when a shared constant would need two values."""
+        notes: list[str] = []
+        names = {m: n for n, m in self.model.named_modules()}
+
+        def fix_one(m: nn.Module, args: tuple[object, ...]) -> None:
+            if m not in self.seen or len(args) < 2 or not isinstance(args[0], Tensor):
+                return
+            shape = args[1]
+            assert isinstance(shape, Tensor)
+            before, target = self.seen[m]
+            new = _target_after(target, before, tuple(args[0].shape))
+            if new == [int(v) for v in shape.tolist()]:
+                return
+            if len(self.users.get(id(shape), set())) > 1:
+                raise HwpruneError(f"reshape {names.get(m, '?')} shares its constant target with other reshapes; "
+                                   "cannot rewrite it for the pruned widths (keep these layers with overrides)")
+            shape.copy_(torch.tensor(new, dtype=shape.dtype))
+            notes.append(f"{names.get(m, '?')}: reshape target {target} -> {new}")
+
+        self._run(fix_one)
+        return notes

@@ -21,6 +21,7 @@ from pruning_core.errors import HwpruneError, InvalidRequest
 from pruning_core.geometry.block import BlockUnit
 from pruning_core.geometry.channel import (
     ChannelUnit,
+    ReshapeTargets,
     barrier_in_group,
     build_dependency_graph,
     channel_groups,
@@ -70,6 +71,7 @@ class PruningPlan:
         self._output_shapes = _output_shapes(model, example_input)
         self.attached = False
         self.finalized = False
+        self.notes: list[str] = []  # what finalize had to adapt (e.g. constant reshape targets)
 
     # -- masks -----------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -143,12 +145,17 @@ class PruningPlan:
                         for m in u.members}.values():
                 remove_masks(mod, bake=False)
             self.attached = False
+            targets = ReshapeTargets(self.model, self.example_input)
             for u, m in zip(self.units, hard, strict=True):
                 assert isinstance(u, ChannelUnit)
                 u.mask = None
                 u.prune(m)
                 for lname in u.layer_names:
                     kept_per_layer[lname] = (self._dense_out[lname], int(m.sum()))
+            try:
+                self.notes += targets.fix()
+            except RuntimeError as e:  # a reshape that cannot follow; _check_outputs words the error
+                self.notes.append(f"reshape targets not rewritten: {e}")
         else:
             was_attached = self.attached
             if not was_attached:
