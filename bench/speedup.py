@@ -39,7 +39,7 @@ from pruning_core.accelerators import BUILTIN_PROFILES, resolve_profile
 from pruning_core.export import export_onnx
 from pruning_core.geometry import build_plan
 from pruning_core.ingest import load_model
-from pruning_core.latency import measure_pair
+from pruning_core.latency import measure_many, measure_pair
 from pruning_core.macs import count_macs
 
 SHAPE = [1, 3, 224, 224]
@@ -154,6 +154,24 @@ def bench_model(name: str, threads: int, seconds: float, allocation: str, profil
     return row
 
 
+def width_sweep(threads: int, seconds: float, tmp: Path, widths: range = range(64, 137, 8)) -> str:
+    """GMAC/s of one 3x3 conv (28x28, C in = C out) per channel count: does ORT's kernel care about the width?"""
+    paths, macs = [], []
+    for c in widths:
+        conv = nn.Conv2d(c, c, 3, padding=1).eval()
+        path = tmp / f"conv{c}.onnx"
+        export_onnx(conv, path, [1, c, 28, 28], ["x"], ["y"], slim=False)
+        paths.append(path)
+        macs.append(c * c * 9 * 28 * 28)
+    stats = measure_many(paths, [[1, c, 28, 28] for c in widths], threads=threads, min_runs=60,
+                         max_seconds=seconds)
+    lines = ["3x3 conv, 28x28, batch 1, C in = C out, interleaved runs:", "",
+             "| channels | MACs (M) | median ms | GMAC/s |", "| ---: | ---: | ---: | ---: |"]
+    for c, m, st in zip(widths, macs, stats, strict=True):
+        lines.append(f"| {c} | {m / 1e6:.1f} | {st.median:.3f} | {m / st.median / 1e6:.1f} |")
+    return "\n".join(lines)
+
+
 def machine() -> str:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
@@ -225,6 +243,7 @@ def main() -> None:
     ap.add_argument("--channel-multiple", type=int, default=None,
                     help="round kept channels to this instead of the cpu profile's 8 (investigation)")
     ap.add_argument("--profile-ops", action="store_true", help="also break latency down by ONNX op type")
+    ap.add_argument("--width-sweep", action="store_true", help="also time one conv across channel counts")
     ap.add_argument("--out", type=Path, default=None, help="write the markdown here")
     ap.add_argument("--json", type=Path, default=None, help="raw results as JSON")
     args = ap.parse_args()
@@ -235,7 +254,7 @@ def main() -> None:
     mach = machine()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
+        for name in [m for m in args.models.split(",") if m]:
             print(f"== {name}", file=sys.stderr)
             rows.append(bench_model(name, args.threads, args.seconds, args.allocation, args.profile_ops,
                                     Path(tmp)))
@@ -246,6 +265,9 @@ def main() -> None:
           f"{PROFILE.channel_multiple}). Command: `{cmd}`", "", table(rows)]
     if args.profile_ops:
         md += ["", *[op_table(r) + "\n" for r in rows]]
+    if args.width_sweep:
+        with tempfile.TemporaryDirectory() as tmp:
+            md += ["", width_sweep(args.threads, args.seconds, Path(tmp))]
     text = "\n".join(md)
     print(text)
     if args.json:

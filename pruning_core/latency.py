@@ -172,6 +172,16 @@ def measure_latency(
     )[0]
 
 
+def measure_many(
+    paths: list[Path], shapes: list[list[int]], *, threads: int | None = None, warmup: int = 10,
+    min_runs: int = 30, max_runs: int = 2000, max_seconds: float = 60.0, provider: str | None = None,
+    rel_tol: float = REL_TOL, seed: int = 0,
+) -> list[LatencyStats]:
+    """Several models under identical settings, interleaved round by round (sweeps, ablations)."""
+    return _measure([Path(p) for p in paths], [list(s) for s in shapes], threads, warmup, min_runs, max_runs,
+                    max_seconds, provider, rel_tol, seed)
+
+
 def measure_pair(
     dense: Path, pruned: Path, dense_shape: list[int], pruned_shape: list[int], *, threads: int | None = None,
     warmup: int = 10, min_runs: int = 30, max_runs: int = 2000, max_seconds: float = 40.0,
