@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pruning_core.latency import LatencyError, LatencyStats, measure_latency, measure_pair
+from pruning_core.latency import LatencyError, LatencyStats, measure_latency, measure_many, measure_pair
 
 
 def _conv_model(path: Path, width: int) -> Path:
@@ -56,6 +56,15 @@ def test_pair_takes_a_different_pruned_shape(tmp_path: Path) -> None:
     d, s = measure_pair(p, p, [1, 3, 32, 32], [1, 3, 16, 16], threads=1, warmup=2, min_runs=9,
                         max_runs=60, max_seconds=5)
     assert d.median > s.median
+
+
+def test_many_models_interleaved_in_order(tmp_path: Path) -> None:
+    paths = [_conv_model(tmp_path / f"w{w}.onnx", w) for w in (8, 32, 64)]
+    stats = measure_many(paths, [[1, 3, 32, 32]] * 3, threads=1, warmup=2, min_runs=9, max_runs=90,
+                         max_seconds=8)
+    assert len({s.runs for s in stats}) == 1, "every model gets the same number of interleaved runs"
+    # widths 8 / 32 / 64: ~0.8 / 10 / 39 MMACs; a >= 4x MAC step is far beyond timing noise
+    assert stats[0].median < stats[1].median < stats[2].median
 
 
 def test_bad_shape_and_provider_are_user_errors(tmp_path: Path) -> None:
