@@ -12,7 +12,7 @@ from pruning_core.latency import LatencyError, LatencyStats, measure_latency, me
 
 
 def _conv_model(path: Path, width: int) -> Path:
-    """Two 3x3 convs on 32x32: MACs grow with width^2, so width 64 vs 16 is ~12x the work."""
+    """Two 3x3 convs on 32x32: MACs grow with width^2, so width 64 vs 16 is ~14x the work."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1)).eval()
     axes = {0: "b", 2: "h", 3: "w"}  # spatial axes too: one file serves the lower-resolution test
@@ -46,7 +46,7 @@ def test_pair_sees_the_larger_model_as_slower(tmp_path: Path) -> None:
                         min_runs=15, max_runs=300, max_seconds=10)
     assert d.threads == p.threads == 1 and d.provider == p.provider
     assert d.runs == p.runs, "interleaved rounds give both models the same number of runs"
-    # ~12x the MACs; even on a busy shared machine the dense model must be clearly slower (2x margin)
+    # ~14x the MACs; even on a busy shared machine the dense model must be clearly slower (2x margin)
     assert d.median > 2 * p.median
 
 
