@@ -10,6 +10,7 @@ A running job has a `phase`: `prune` (gpu queue) -> `measure_queued` -> `measure
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select, update
@@ -35,10 +36,32 @@ def _guarded_update(session: Session, job_id: str, expect: dict[str, Any], value
     return bool(res.rowcount == 1)  # type: ignore[attr-defined]
 
 
-def claim_prune(session: Session, job_id: str, worker: str) -> Job | None:
-    """queued -> running (phase prune). None when the job is gone, already taken, or was cancelled."""
+def _take_over(session: Session, job: Job, phase: str, worker: str, worker_gone: Callable[[str], bool] | None
+               ) -> Job | None:
+    """A redelivered message for a job whose worker process is known to be dead (Celery requeues on a lost
+    worker) takes it over; a live or unknown holder keeps it, so a job never runs twice at once."""
+    if worker_gone is None or job.status != "running" or job.phase != phase or not job.worker:
+        return None
+    if not worker_gone(job.worker):
+        return None
+    ok = _guarded_update(session, job.id, {"status": "running", "phase": phase, "worker": job.worker},
+                         {"worker": worker, "attempts": job.attempts + 1, "stage": "restarting"})
+    if not ok:
+        return None
+    session.refresh(job)
+    return job
+
+
+def claim_prune(session: Session, job_id: str, worker: str,
+                worker_gone: Callable[[str], bool] | None = None) -> Job | None:
+    """queued -> running (phase prune). None when the job is gone, already taken, or was cancelled.
+    With `worker_gone`, a job still marked running by a dead worker process is taken over."""
     job = _locked(session, job_id)
-    if job is None or job.status != "queued":
+    if job is None:
+        return None
+    if job.status == "running":
+        return _take_over(session, job, "prune", worker, worker_gone)
+    if job.status != "queued":
         return None
     if job.cancel_requested:
         _guarded_update(session, job_id, {"status": "queued"},
@@ -60,10 +83,15 @@ def hand_to_measure(session: Session, job_id: str) -> bool:
     return _guarded_update(session, job_id, {"status": "running", "phase": "prune"}, {"phase": "measure_queued"})
 
 
-def claim_measure(session: Session, job_id: str, worker: str) -> Job | None:
+def claim_measure(session: Session, job_id: str, worker: str,
+                  worker_gone: Callable[[str], bool] | None = None) -> Job | None:
     """phase measure_queued -> measure. None when already taken or no longer running."""
     job = _locked(session, job_id)
-    if job is None or job.status != "running" or job.phase != "measure_queued":
+    if job is None or job.status != "running":
+        return None
+    if job.phase == "measure":
+        return _take_over(session, job, "measure", worker, worker_gone)
+    if job.phase != "measure_queued":
         return None
     if not _guarded_update(session, job_id, {"status": "running", "phase": "measure_queued"},
                            {"phase": "measure", "worker": worker}):

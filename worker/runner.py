@@ -15,7 +15,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -40,8 +40,23 @@ class TaskContext:
     store: ArtifactStore
     settings: Settings
     enqueue_measure: Callable[[str], None]  # Celery: send to the cpu queue; embedded: local queue
-    worker_name: str = f"{socket.gethostname()}:{os.getpid()}"
+    worker_name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")  # after fork
     time_limit_s: float | None = None  # embedded only: Celery enforces its own soft/hard limits
+
+
+def worker_gone(worker: str) -> bool:
+    """True only when `worker` ("host:pid") ran on this host and that process no longer exists: the case of
+    a pool process killed mid-job (OOM, segfault) whose message Celery requeues. Other hosts: unknown, False."""
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -135,7 +150,7 @@ def _run_guarded(ctx: TaskContext, job_id: str, tracker: RowProgress, body: Call
 
 def run_prune(ctx: TaskContext, job_id: str) -> None:
     with transaction(ctx.factory) as s:
-        job = rows.claim_prune(s, job_id, ctx.worker_name)
+        job = rows.claim_prune(s, job_id, ctx.worker_name, worker_gone)
         if job is None:
             log.info("job %s: not queued any more (redelivered, cancelled or gone); skipping", job_id)
             return
@@ -199,7 +214,7 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
 
 def run_measure(ctx: TaskContext, job_id: str) -> None:
     with transaction(ctx.factory) as s:
-        job = rows.claim_measure(s, job_id, ctx.worker_name)
+        job = rows.claim_measure(s, job_id, ctx.worker_name, worker_gone)
         if job is None:
             log.info("job %s: not waiting for measurement (redelivered or cancelled); skipping", job_id)
             return

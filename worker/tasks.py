@@ -6,11 +6,15 @@ import logging
 from functools import lru_cache
 from typing import Any
 
+from celery import Task
+from celery.exceptions import TimeLimitExceeded
 from celery.signals import worker_process_init
+from sqlalchemy import create_engine
+from sqlalchemy.pool import NullPool
 
 from db.artifacts import ArtifactStore
-from db.jobs import MEASURE_QUEUE, MEASURE_TASK, PRUNE_TASK
-from db.session import make_engine, make_session_factory
+from db.jobs import MEASURE_QUEUE, MEASURE_TASK, PRUNE_TASK, finish
+from db.session import make_engine, make_session_factory, transaction
 from hwprune.settings import get_settings
 from worker.celery_app import celery_app
 from worker.runner import TaskContext, run_measure, run_prune
@@ -30,6 +34,25 @@ def _context() -> TaskContext:
     )
 
 
+class JobTask(Task):
+    """Records a reason when Celery itself ends a task: on a hard time limit the pool process is killed and
+    this hook runs in the worker's main process, where nothing else would tell the row."""
+
+    def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        if not isinstance(exc, TimeLimitExceeded) or not args:
+            return
+        settings = get_settings()
+        # NullPool: the main process forks new pool processes later, so it must keep no open connections.
+        engine = create_engine(settings.resolved_database_url, poolclass=NullPool)
+        try:
+            with transaction(make_session_factory(engine)) as s:
+                finish(s, str(args[0]), "failed", error=f"the job exceeded its hard time limit of {exc} s and was "
+                                                        "stopped; lower steps or use a smaller model")
+        finally:
+            engine.dispose()
+        log.warning("job %s: hard time limit, marked failed", args[0])
+
+
 @worker_process_init.connect
 def _preload(**_: Any) -> None:
     """Import the pipeline (torch, onnx, onnxruntime) when a pool process starts, not when its first job
@@ -39,13 +62,13 @@ def _preload(**_: Any) -> None:
     _context()
 
 
-@celery_app.task(name=PRUNE_TASK, soft_time_limit=get_settings().job_soft_time_limit_s,
+@celery_app.task(base=JobTask, name=PRUNE_TASK, soft_time_limit=get_settings().job_soft_time_limit_s,
                  time_limit=get_settings().job_hard_time_limit_s)
 def prune_task(job_id: str) -> None:
     run_prune(_context(), job_id)
 
 
-@celery_app.task(name=MEASURE_TASK, soft_time_limit=get_settings().measure_time_limit_s,
+@celery_app.task(base=JobTask, name=MEASURE_TASK, soft_time_limit=get_settings().measure_time_limit_s,
                  time_limit=get_settings().measure_time_limit_s + 60)
 def measure_task(job_id: str) -> None:
     run_measure(_context(), job_id)

@@ -182,3 +182,27 @@ def test_embedded_default_end_to_end(tiny_onnx: Path, tmp_path: Path) -> None:
         assert r.json()["status"] == "succeeded"
     finally:
         srv2.stop()
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_celery_time_limit_fails_the_job_with_a_reason(pg_url: str, redis_url: str, tiny_onnx: Path,
+                                                        tmp_path: Path) -> None:
+    env = service_env(database_url=pg_url, broker_url=redis_url, data_dir=str(tmp_path / "data"),
+                      job_soft_time_limit_s="3", job_hard_time_limit_s="8")
+    port = free_port()
+    worker = Proc(["worker", "--queues", "gpu,cpu"], env, tmp_path / "worker.log", tmp_path)
+    api = Proc(["serve", "--port", str(port)], env, tmp_path / "api.log", tmp_path)
+    try:
+        worker.wait_for(r"ready\.", timeout=120)
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        h = {"Authorization": f"Bearer {_create_key(env, tmp_path, 'limits')}"}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            with open(tiny_onnx, "rb") as fh:
+                model = client.post("/v1/models", headers=h, files={"file": ("t.onnx", fh)}).json()
+            job = client.post("/v1/jobs", headers=h, json={"model_id": model["id"], **JOB, "steps": 100_000}).json()
+            done = poll_job(client, job["id"], h, timeout=120)
+        assert done["status"] == "failed" and "time limit" in (done["error"] or ""), done
+    finally:
+        api.stop()
+        worker.stop()

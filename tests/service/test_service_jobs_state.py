@@ -6,6 +6,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db import jobs as rows
@@ -121,3 +122,34 @@ def test_progress_only_while_running_and_clamped(factory: sessionmaker[Session])
         rows.finish(s, job_id, "succeeded", metrics={"speedup": 1.5, "achieved_sparsity": 0.5})
     job = _get(factory, job_id)
     assert (job.status, job.speedup, job.achieved_sparsity, job.phase) == ("succeeded", 1.5, 0.5, "done")
+
+
+def test_redelivery_takes_over_only_from_a_dead_worker(factory: sessionmaker[Session]) -> None:
+    """Celery requeues the message of a pool process that died; the row names the dead holder, so the new
+    delivery may take the job over. A live holder (this process) keeps it."""
+    import os
+    import socket
+
+    from worker.runner import worker_gone
+
+    job_id = _new_job(factory)
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    dead = subprocess_pid_that_exited()
+    with transaction(factory) as s:
+        assert rows.claim_prune(s, job_id, me) is not None
+    with transaction(factory) as s:
+        assert rows.claim_prune(s, job_id, "w2", worker_gone) is None, "holder alive: no second run"
+    with transaction(factory) as s:
+        s.execute(update(Job).where(Job.id == job_id).values(worker=f"{socket.gethostname()}:{dead}"))
+    with transaction(factory) as s:
+        job = rows.claim_prune(s, job_id, "w2", worker_gone)
+        assert job is not None and job.worker == "w2" and job.attempts == 2
+    assert not worker_gone(f"some-other-host:{dead}"), "other hosts cannot be checked: never assume dead"
+
+
+def subprocess_pid_that_exited() -> int:
+    import subprocess
+
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
