@@ -59,8 +59,13 @@ def _light_copy(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     graph = model.graph
     init_names = {t.name for t in graph.initializer}
     real = [v.name for v in graph.input if v.name not in init_names]
-    small = [t for t in graph.initializer if math.prod(t.dims) <= _SHAPE_DATA_MAX]
-    large = [t for t in graph.initializer if math.prod(t.dims) > _SHAPE_DATA_MAX]
+    # Tensors whose bytes live in an external file that was not loaded are lifted too (their shape is known).
+    lifted = [
+        math.prod(t.dims) > _SHAPE_DATA_MAX or onnx.external_data_helper.uses_external_data(t)
+        for t in graph.initializer
+    ]
+    small = [t for t, lift in zip(graph.initializer, lifted, strict=True) if not lift]
+    large = [t for t, lift in zip(graph.initializer, lifted, strict=True) if lift]
     inputs = [v for v in graph.input if v.name in real]
     inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in large]
     light = helper.make_model(

@@ -18,7 +18,7 @@ def inspect_model(path: Path, input_shape: list[int] | None = None) -> ModelInfo
     if fmt == "onnx":
         from pruning_core.ingest.onnx_loader import onnx_info, read_onnx
 
-        return onnx_info(read_onnx(path, load_data=False), input_shape)
+        return onnx_info(read_onnx(path), input_shape)  # small external tensors may be shape data
     from pruning_core.ingest.torchscript_loader import inspect_torchscript
 
     return inspect_torchscript(path, input_shape)
