@@ -65,7 +65,11 @@ def check_onnx_safety(model: onnx.ModelProto, model_dir: Path | None) -> None:
                     f"tensor {tensor.name!r} points to external data {info.location!r} outside the model's folder"
                 )
             if not target.is_file():
-                raise ModelRejected(f"tensor {tensor.name!r}: external data file {info.location!r} is missing")
+                raise ModelRejected(
+                    f"tensor {tensor.name!r}: external data file {info.location!r} is missing; upload a "
+                    "single-file ONNX (torch.onnx.export(..., external_data=False) or "
+                    "onnx.save(model, path, save_as_external_data=False))"
+                )
             itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
             end = (info.offset or 0) + (info.length or numel * itemsize)
             if end > target.stat().st_size:
