@@ -41,7 +41,7 @@ _NOT_WEIGHT_USERS = ("Resize", "Pad", "Range", "ConstantOfShape", "Clip", "TopK"
 
 def read_onnx(path: Path, load_data: bool = True) -> onnx.ModelProto:
     """Parse, check for unsafe external data / absurd sizes, then load external data from the model's folder
-    (inspection needs only shapes: `load_data=False`)."""
+    (`load_data=False` leaves it on disk; MAC counting then treats those tensors as shape-only)."""
     model = load_onnx_proto(path)
     check_onnx_safety(model, path.parent)
     if load_data and any(onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer):
