@@ -57,9 +57,10 @@ class JobTask(Task):
 def _preload(**_: Any) -> None:
     """Import the pipeline (torch, onnx, onnxruntime) when a pool process starts, not when its first job
     arrives, so submission-to-pickup time does not include seconds of imports."""
-    import pruning_core.pipeline  # noqa: F401
+    from pruning_core.pipeline import pick_device
 
     _context()
+    log.info("pool process ready; pruning runs on %s", pick_device())
 
 
 @celery_app.task(base=JobTask, name=PRUNE_TASK, soft_time_limit=get_settings().job_soft_time_limit_s,
