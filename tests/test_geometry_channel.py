@@ -102,22 +102,28 @@ def test_coupled_groups_and_physical_removal() -> None:
     # residual: stem and project share channels; depthwise follows expand; the concat BN is split by roots
     assert set(units["stem"].layer_names) == {"stem", "project"}
     assert set(units["expand"].layer_names) == {"expand", "dw"}
-    assert set(units) == {"stem", "expand", "left", "side", "head"}
+    assert set(units) == {"stem", "expand", "left", "side", "head", "pre", "gconv"}
     rec = {r.name: r for r in plan.layers}
     assert not rec["fc"].prunable and "classes" in rec["fc"].reason
-    for name in ("pre", "gconv"):  # uneven removal would scramble the conv groups, so both stay whole
-        assert not rec[name].prunable and "grouped conv gconv" in rec[name].reason
+    # grouped conv (4 groups): channels at the same index of every conv group are one pruning group
+    pre, gconv = units["pre"], units["gconv"]
+    assert isinstance(pre, ChannelUnit) and isinstance(gconv, ChannelUnit)
+    assert pre.num_groups == 4 and torch.equal(pre.comp_of_root, torch.arange(16) % 4)
+    assert gconv.num_groups == 8 and torch.equal(gconv.comp_of_root, torch.arange(32) % 8)
+    assert pre.channel_multiple == gconv.channel_multiple == 2  # 2 ties x 4 channels = 8 channels
     hard = plan.select(plan.group_norms(), 0.5, "uniform", 0.05)
     for u, m in zip(plan.units, hard, strict=True):
-        k = int(m.sum())
-        assert k % 8 == 0 or k == u.num_groups, (u.name, k)
-        assert abs(k - 0.5 * u.num_groups) <= 4  # nearest multiple of 8
+        assert isinstance(u, ChannelUnit)
+        k = u.kept_channels(m)
+        assert k % 8 == 0 or k == u.channels, (u.name, k)
+        assert abs(k - 0.5 * u.channels) <= 4  # nearest multiple of 8
     pruned = _prune_and_compare(plan, model, x, hard)
     assert pruned(torch.randn(3, 3, 8, 8)).shape == (3, 10)
     assert pruned.stem.out_channels == pruned.project.out_channels == pruned.bn0.num_features == 16
     assert pruned.dw.in_channels == pruned.dw.out_channels == pruned.dw.groups == pruned.expand.out_channels
     assert pruned.bn3.num_features == pruned.left.out_channels + pruned.side.out_channels
-    assert pruned.gconv.weight.shape == (32, 4, 3, 3)
+    assert pruned.pre.out_channels == 8 and pruned.gconv.weight.shape == (16, 2, 3, 3)
+    assert pruned.gconv.groups == 4
     assert pruned.fc.out_features == 10
     for r in plan.layers:
         if r.prunable:
@@ -142,14 +148,16 @@ def test_global_budget_within_one_multiple_and_min_keep_at_097(min_keep: float) 
     torch.manual_seed(2)
     model = Coupled().eval()
     plan = build_plan(model, torch.randn(1, 3, 8, 8), "channel", CPU)
-    total = sum(u.num_groups for u in plan.units)
+    units = [u for u in plan.units if isinstance(u, ChannelUnit)]
+    total = sum(u.num_groups for u in units)
     hard = plan.select(plan.group_norms(), 0.5, "global", 0.05)
-    assert abs(sum(int(m.sum()) for m in hard) - 0.5 * total) <= 8
+    # budget in groups (a grouped conv's group spans several channels); off by at most one multiple
+    assert abs(sum(int(m.sum()) for m in hard) - 0.5 * total) <= max(u.channel_multiple for u in units)
     hard = plan.select(plan.group_norms(), 0.97, "global", min_keep)
-    for u, m in zip(plan.units, hard, strict=True):
-        k = int(m.sum())
-        assert k >= min(u.num_groups, math.ceil(min_keep * u.num_groups / 8) * 8), (u.name, k)
-        assert k % 8 == 0 or k == u.num_groups
+    for u, m in zip(units, hard, strict=True):
+        k = u.kept_channels(m)
+        assert k >= min(u.channels, math.ceil(min_keep * u.channels / 8) * 8), (u.name, k)
+        assert k % 8 == 0 or k == u.channels
 
 
 def test_soft_channel_masks_get_gradients_and_keep_override() -> None:

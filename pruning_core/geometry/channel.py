@@ -43,6 +43,34 @@ class ChannelMember:
         return []
 
 
+def _tie_channels(channels: int, ties: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Union root channels that a grouped conv needs removed together (same index inside each conv group).
+
+    Returns (component id per root channel, numbered by first channel; channels per component).
+    """
+    parent = list(range(channels))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for roots, keys in ties:
+        first: dict[int, int] = {}
+        for r, k in zip(roots.tolist(), keys.tolist(), strict=True):
+            if k in first:
+                ra, rb = find(first[k]), find(r)
+                if ra != rb:
+                    parent[max(ra, rb)] = min(ra, rb)
+            else:
+                first[k] = r
+    reps = [find(c) for c in range(channels)]
+    ids: dict[int, int] = {}
+    comp = torch.tensor([ids.setdefault(r, len(ids)) for r in reps], dtype=torch.long)
+    return comp, torch.bincount(comp, minlength=len(ids)).float()
+
+
 def is_grouped_not_depthwise(m: nn.Module) -> bool:
     """A grouped conv whose channels must be removed evenly per group (Torch-Pruning's graph alone does not)."""
     return isinstance(m, CONV_TYPES) and m.groups > 1 and not (m.groups == m.in_channels == m.out_channels)
@@ -54,32 +82,49 @@ class ChannelUnit(PruningUnit):
     def __init__(self, name: str, root: nn.Module, group: tp.dependency.Group, dg: tp.DependencyGraph,
                  names: dict[nn.Module, str], channel_multiple: int) -> None:
         self.name, self.root, self.dg = name, root, dg
-        self.num_groups = int(raw_tensor(root, "weight").shape[0])
+        self.channels = int(raw_tensor(root, "weight").shape[0])  # the root's output channels
         self.nm_m = None
-        self.channel_multiple = channel_multiple
         self.mask = None
         self.members: list[ChannelMember] = []
         self.in_members: list[str] = []  # layers that only lose input channels
-        self.grouped_convs: list[str] = []  # grouped (not depthwise) convs the group reaches: see plan
+        self.grouped_convs: list[str] = []  # grouped (not depthwise) convs the group reaches
+        ties: list[tuple[Tensor, Tensor]] = []  # (root channels, key within a conv group) for grouped convs
         for item in group:
             dep, idxs = item.dep, item.idxs
             mod = dep.target.module
             if not isinstance(mod, nn.Module) or mod not in names:
                 continue
-            if is_grouped_not_depthwise(mod) and names[mod] not in self.grouped_convs:
-                self.grouped_convs.append(names[mod])
-            if dg.is_out_channel_pruning_fn(dep.handler):
-                self.members.append(ChannelMember(names[mod], mod, torch.as_tensor(list(idxs), dtype=torch.long),
-                                                  torch.as_tensor(list(item.root_idxs), dtype=torch.long)))
+            is_out = dg.is_out_channel_pruning_fn(dep.handler)
+            local = torch.as_tensor(list(idxs), dtype=torch.long)
+            roots = torch.as_tensor(list(item.root_idxs), dtype=torch.long)
+            if is_grouped_not_depthwise(mod):
+                if names[mod] not in self.grouped_convs:
+                    self.grouped_convs.append(names[mod])
+                width = int(getattr(mod, "out_channels" if is_out else "in_channels"))
+                per_group = width // int(getattr(mod, "groups", 1))
+                ties.append((roots, local % per_group))
+            if is_out:
+                self.members.append(ChannelMember(names[mod], mod, local, roots))
             elif isinstance(mod, (*CONV_TYPES, nn.Linear)):
                 self.in_members.append(names[mod])
+        self.comp_of_root, sizes = _tie_channels(self.channels, ties)
+        self.num_groups = int(sizes.numel())
+        self.comp_size = sizes
+        width = int(sizes[0]) if self.num_groups else 1
+        self.uneven = bool((sizes != width).any())
+        # a grouped conv removes one channel per conv group at a time: kept channels = kept groups * width
+        self.channel_multiple = math.lcm(width, channel_multiple) // width
 
     @property
     def layer_names(self) -> list[str]:
         return [m.name for m in self.members if isinstance(m.module, (*CONV_TYPES, nn.Linear))]
 
+    def kept_channels(self, mask: Tensor) -> int:
+        """Root channels kept by a hard mask over this unit's groups."""
+        return int((mask.detach().cpu() * self.comp_size).sum())
+
     def _accumulate(self, what: str) -> Tensor:
-        acc = torch.zeros(self.num_groups, dtype=torch.float64)
+        acc = torch.zeros(self.channels, dtype=torch.float64)
         for mem in self.members:
             for p in mem.params():
                 t = raw_tensor(mem.module, p).detach()
@@ -87,7 +132,7 @@ class ChannelUnit(PruningUnit):
                 v = rows.double().pow(2).sum(1) if what == "sq" else torch.full((len(mem.idxs),), rows.shape[1],
                                                                                   dtype=torch.float64)
                 acc.index_add_(0, mem.root_idxs, v.cpu())
-        return acc
+        return torch.zeros(self.num_groups, dtype=torch.float64).index_add_(0, self.comp_of_root, acc)
 
     def group_norms(self) -> Tensor:
         return self._accumulate("sq").sqrt().float()
@@ -99,12 +144,13 @@ class ChannelUnit(PruningUnit):
         """The mask source for one tensor of one member: ones except this group's channels."""
         t = raw_tensor(member.module, param)
         size, dims = t.shape[0], t.dim()
+        comps = self.comp_of_root.index_select(0, member.root_idxs)
 
         def fn() -> Tensor | None:
             if self.mask is None:
                 return None
             full = torch.ones(size, dtype=self.mask.dtype, device=self.mask.device)
-            vals = self.mask.index_select(0, member.root_idxs.to(self.mask.device))
+            vals = self.mask.index_select(0, comps.to(self.mask.device))
             full = full.index_copy(0, member.idxs.to(self.mask.device), vals)
             return full.reshape(size, *([1] * (dims - 1)))
 
@@ -112,10 +158,11 @@ class ChannelUnit(PruningUnit):
 
     def prune(self, keep: Tensor) -> int:
         """Physically remove the channels whose hard mask is 0; returns how many were removed."""
-        drop = torch.nonzero(keep.detach().cpu() < 0.5).flatten().tolist()
+        dropped_comp = keep.detach().cpu() < 0.5
+        drop = torch.nonzero(dropped_comp[self.comp_of_root]).flatten().tolist()
         if not drop:
             return 0
-        assert len(drop) < self.num_groups, f"{self.name}: refusing to remove every channel"
+        assert len(drop) < self.channels, f"{self.name}: refusing to remove every channel"
         pruner = self.dg.get_pruner_of_module(self.root)
         group = self.dg.get_pruning_group(self.root, pruner.prune_out_channels, drop)
         group.prune()

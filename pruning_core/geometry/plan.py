@@ -151,7 +151,7 @@ class PruningPlan:
                 u.mask = None
                 u.prune(m)
                 for lname in u.layer_names:
-                    kept_per_layer[lname] = (self._dense_out[lname], int(m.sum()))
+                    kept_per_layer[lname] = (self._dense_out[lname], u.kept_channels(m))
             try:
                 self.notes += targets.fix()
             except RuntimeError as e:  # a reshape that cannot follow; _check_outputs words the error
@@ -257,13 +257,17 @@ def _channel_units(model: nn.Module, example_input: Tensor | tuple[Tensor, ...],
         elif barrier is not None:
             reason = (f"channels pass through {barrier}, a reshape/transpose that interleaves channels "
                       "(channel shuffle); its constant shape cannot follow channel removal, so kept")
-        elif unit.grouped_convs:
-            reason = (f"channels reach grouped conv {unit.grouped_convs[0]}, whose channels must be removed "
-                      "evenly per group; kept")
+        elif unit.uneven:
+            reason = (f"grouped convs ({', '.join(unit.grouped_convs[:2])}) tie this group's channels unevenly; "
+                      "kept")
         elif kept_layers:
             reason = f"override: keep ({', '.join(kept_layers)} in this channel group)"
-        elif unit.num_groups <= mult:
-            reason = f"only {unit.num_groups} channels, not more than the channel multiple {mult}"
+        elif unit.num_groups <= unit.channel_multiple and unit.grouped_convs:
+            step = unit.channels // max(unit.num_groups, 1)
+            reason = (f"grouped conv {unit.grouped_convs[0]} removes channels {step} at a time (one per conv "
+                      f"group); no smaller kept count is a multiple of {mult}, so kept")
+        elif unit.num_groups <= unit.channel_multiple:
+            reason = f"only {unit.channels} channels, not more than the channel multiple {mult}"
         elif not all(isinstance(all_layers.get(n), WEIGHT_TYPES) for n in layers):
             reason = "channel group contains a layer type we cannot prune"
         if reason:
