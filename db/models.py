@@ -132,6 +132,8 @@ class Job(Base):
     speedup: Mapped[float | None] = mapped_column(Float, nullable=True)
     achieved_sparsity: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    callback_url: Mapped[str | None] = mapped_column(String(2048), nullable=True)  # webhook on a terminal state
+    callback_secret: Mapped[str | None] = mapped_column(String(256), nullable=True)  # per-job HMAC key (optional)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     worker: Mapped[str | None] = mapped_column(String(256), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
@@ -139,3 +141,20 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One row per delivery attempt (worker/webhooks.py), so a user can see why a callback did not arrive."""
+
+    __tablename__ = "webhook_deliveries"
+    id: Mapped[str] = _id()
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False, index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False, index=True)
+    url: Mapped[str] = mapped_column(String(2048), nullable=False)
+    event: Mapped[str] = mapped_column(String(32), nullable=False)  # "job.succeeded" | "job.failed" | ...
+    attempt: Mapped[int] = mapped_column(Integer, nullable=False)  # 1-based
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None: no HTTP response
+    ok: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    duration_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[datetime] = _created()
