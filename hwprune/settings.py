@@ -35,10 +35,22 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=lambda: ["*"])
     page_limit_max: int = 200
     embedded_workers: int = Field(default=1, ge=1)  # worker threads `serve` starts without a broker
+    # Reliability (worker/sweeper.py): a running job's worker writes `heartbeat_at` every heartbeat_interval_s;
+    # with a broker, `serve` sweeps every sweep_interval_s (0 = off): queued jobs missing from the broker for
+    # requeue_grace_s are sent again, running jobs silent for heartbeat_stale_s are re-queued (up to
+    # max_attempts runs in all) or failed.
+    heartbeat_interval_s: float = Field(default=10.0, gt=0.0)
+    heartbeat_stale_s: float = Field(default=120.0, gt=0.0)  # must exceed heartbeat_interval_s several times
+    sweep_interval_s: float = Field(default=30.0, ge=0.0)
+    requeue_grace_s: float = Field(default=60.0, ge=0.0)
+    max_attempts: int = Field(default=3, ge=1)
+    # How long a client should wait before retrying when the database is unreachable (503 Retry-After).
+    retry_after_s: int = Field(default=5, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
         assert self.job_hard_time_limit_s > self.job_soft_time_limit_s, "hard time limit must exceed the soft one"
+        assert self.heartbeat_stale_s > 2 * self.heartbeat_interval_s, "heartbeat_stale_s must exceed two heartbeats"
         if self.env == "production":
             problems = []
             if not self.database_url or self.database_url.startswith("sqlite"):
