@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     cancel_poll_interval_s: float = Field(default=0.5, ge=0.0)  # how often a running job re-reads its flag
     sse_poll_interval_s: float = Field(default=0.25, gt=0.0)  # how often the SSE stream re-reads the row
     cors_origins: list[str] = Field(default_factory=lambda: ["*"])
+    # Webhooks (worker/webhooks.py): HMAC key for jobs submitted without their own `callback_secret`.
+    webhook_secret: str | None = None
+    webhook_timeout_s: float = Field(default=10.0, gt=0.0)  # per attempt (connect + response)
+    webhook_max_attempts: int = Field(default=5, ge=1)  # first try + retries
+    webhook_backoff_s: float = Field(default=2.0, ge=0.0)  # wait before retry k: backoff * 2**(k-1)
+    metrics_enabled: bool = True  # expose Prometheus `/metrics` (no auth: restrict it at the proxy)
     page_limit_max: int = 200
     embedded_workers: int = Field(default=1, ge=1)  # worker threads `serve` starts without a broker
     # Reliability (worker/sweeper.py): a running job's worker writes `heartbeat_at` every heartbeat_interval_s;
