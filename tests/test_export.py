@@ -138,6 +138,7 @@ def test_transposed_matmul_weight_pattern_found(tmp_path: Path) -> None:
     assert zero_pattern_mismatches(m, out) == []
 
 
+@pytest.mark.slow  # torch.export tracing: ~10 s CPU, 30 s+ on a loaded machine
 def test_dynamo_exporter_path_keeps_the_contract(tmp_path: Path) -> None:
     """The fallback exporter (torch.export, opset 18) must give the same guarantees."""
     m = _sparse_small()
