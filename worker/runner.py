@@ -27,6 +27,7 @@ from db.session import transaction
 from hwprune.settings import Settings
 from pruning_core.errors import Cancelled, HwpruneError
 from pruning_core.progress import Progress
+from worker.webhooks import notify_terminal
 
 log = logging.getLogger("hwprune.worker")
 # Overall progress: pruning (gpu queue) is most of the work, latency measurement (cpu queue) the rest.
@@ -121,8 +122,10 @@ class RowProgress:
 def _end(ctx: TaskContext, job_id: str, status: str, error: str | None = None,
          metrics: dict[str, Any] | None = None) -> None:
     with transaction(ctx.factory) as s:
-        rows.finish(s, job_id, status, error=error, metrics=metrics)
+        ended = rows.finish(s, job_id, status, error=error, metrics=metrics)
     log.info("job %s %s%s", job_id, status, f": {error}" if error else "")
+    if ended:  # the row is final: a webhook problem cannot change it (delivery runs in its own thread)
+        notify_terminal(ctx.factory, ctx.settings, job_id)
 
 
 def _run_guarded(ctx: TaskContext, job_id: str, tracker: RowProgress, body: Callable[[], None],
