@@ -45,7 +45,8 @@ def _take_over(session: Session, job: Job, phase: str, worker: str, worker_gone:
     if not worker_gone(job.worker):
         return None
     ok = _guarded_update(session, job.id, {"status": "running", "phase": phase, "worker": job.worker},
-                         {"worker": worker, "attempts": job.attempts + 1, "stage": "restarting"})
+                         {"worker": worker, "attempts": job.attempts + 1, "stage": "restarting",
+                          "heartbeat_at": utcnow()})
     if not ok:
         return None
     session.refresh(job)
@@ -70,7 +71,7 @@ def claim_prune(session: Session, job_id: str, worker: str,
     ok = _guarded_update(
         session, job_id, {"status": "queued"},
         {"status": "running", "phase": "prune", "worker": worker, "started_at": utcnow(),
-         "attempts": job.attempts + 1, "stage": "starting"},
+         "attempts": job.attempts + 1, "stage": "starting", "heartbeat_at": utcnow()},
     )
     if not ok:
         return None
@@ -94,7 +95,7 @@ def claim_measure(session: Session, job_id: str, worker: str,
     if job.phase != "measure_queued":
         return None
     if not _guarded_update(session, job_id, {"status": "running", "phase": "measure_queued"},
-                           {"phase": "measure", "worker": worker}):
+                           {"phase": "measure", "worker": worker, "heartbeat_at": utcnow()}):
         return None
     session.refresh(job)
     return job
@@ -103,7 +104,14 @@ def claim_measure(session: Session, job_id: str, worker: str,
 def record_progress(session: Session, job_id: str, stage: str, progress: float, metrics: dict[str, Any]) -> bool:
     frac = min(max(float(progress), 0.0), 1.0)
     return _guarded_update(session, job_id, {"status": "running"},
-                           {"stage": stage[:64], "progress": frac, "progress_metrics": metrics or None})
+                           {"stage": stage[:64], "progress": frac, "progress_metrics": metrics or None,
+                            "heartbeat_at": utcnow()})
+
+
+def beat(session: Session, job_id: str, worker: str) -> bool:
+    """The running worker says it is alive (worker/runner.py Heartbeat); worker/sweeper.py re-queues or fails
+    running jobs whose heartbeat is stale. False when the job is no longer this worker's."""
+    return _guarded_update(session, job_id, {"status": "running", "worker": worker}, {"heartbeat_at": utcnow()})
 
 
 def cancel_requested(session: Session, job_id: str) -> bool:

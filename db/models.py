@@ -114,6 +114,7 @@ class Job(Base):
         CheckConstraint("status IN ('queued','running','succeeded','failed','cancelled')", name="status"),
         CheckConstraint("progress >= 0 AND progress <= 1", name="progress"),
         Index("ix_jobs_tenant_status", "tenant_id", "status"),
+        Index("uq_jobs_tenant_idempotency", "tenant_id", "idempotency_key", unique=True),  # one job per key
     )
     id: Mapped[str] = _id()
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False, index=True)
@@ -141,6 +142,11 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    # worker/sweeper.py: a running job whose heartbeat is stale lost its worker (written by worker/runner.py).
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Idempotency-Key of the submission and the sha256 of its body: a retry returns the same job.
+    idempotency_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class WebhookDelivery(Base):
