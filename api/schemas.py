@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any, Generic, Literal, TypeVar
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
 
 from db.models import DatasetRecord, Job, ModelRecord
 
@@ -103,9 +104,23 @@ class JobRequest(BaseModel):
     steps: int | None = Field(default=None, ge=0)
     seed: int | None = None
     input_shape: list[int] | None = None
+    callback_url: str | None = Field(default=None, max_length=2048, description="http(s) URL POSTed the job "
+                                     "summary on a terminal state, signed with HMAC-SHA256 (docs/dashboard.md)")
+    callback_secret: str | None = Field(default=None, min_length=16, max_length=256, description="per-job "
+                                        "HMAC key; default: the server's HWPRUNE_WEBHOOK_SECRET")
+
+    @field_validator("callback_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None:
+            u = urlsplit(v)
+            if u.scheme not in ("http", "https") or not u.hostname:
+                raise ValueError("callback_url must be an absolute http:// or https:// URL")
+        return v
 
     def spec_dict(self) -> dict[str, Any]:
-        d = self.model_dump(exclude_unset=True, exclude={"model_id", "dataset_id"})
+        d = self.model_dump(exclude_unset=True,
+                            exclude={"model_id", "dataset_id", "callback_url", "callback_secret"})
         if isinstance(self.accelerator, InlineAccelerator):
             d["accelerator"] = self.accelerator.model_dump(exclude_none=True)
         return {k: v for k, v in d.items() if v is not None}
@@ -133,6 +148,7 @@ class JobOut(_Out):
     started_at: datetime | None
     finished_at: datetime | None
     artifacts: dict[str, str] | None = Field(description="download links, present once the job succeeded")
+    callback_url: str | None = None
 
     @classmethod
     def of(cls, j: Job) -> JobOut:
@@ -145,7 +161,7 @@ class JobOut(_Out):
             model_id=j.model_id, dataset_id=j.dataset_id, method=j.method, granularity=j.granularity,
             accelerator=j.accelerator, spec=j.spec, cancel_requested=j.cancel_requested, speedup=j.speedup,
             achieved_sparsity=j.achieved_sparsity, created_at=j.created_at, started_at=j.started_at,
-            finished_at=j.finished_at, artifacts=arts,
+            finished_at=j.finished_at, artifacts=arts, callback_url=j.callback_url,
         )
 
 

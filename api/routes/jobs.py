@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
 
 from api.deps import DispatcherDep, SessionDep, StoreDep, TenantDep
@@ -14,9 +14,10 @@ from api.schemas import JobOut, JobRequest, JobStatus, Page
 from db.artifacts import JOB_ARTIFACTS
 from db.ids import new_id
 from db.jobs import TransitionRefused, request_cancel
-from db.models import DatasetRecord, Job, ModelRecord, utcnow
+from db.models import TERMINAL_STATUSES, DatasetRecord, Job, ModelRecord, utcnow
 from db.repositories import get_owned, page
 from pruning_core.spec import PruneSpec
+from worker.webhooks import notify_terminal
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("hwprune.api")
@@ -25,13 +26,16 @@ log = logging.getLogger("hwprune.api")
 @router.post("", status_code=202, response_model=JobOut, summary="Submit a pruning job",
              responses={202: {"headers": {"Location": {"description": "the job's URL",
                                                        "schema": {"type": "string"}}}}})
-def create_job(body: JobRequest, response: Response, session: SessionDep, tenant: TenantDep,
+def create_job(body: JobRequest, request: Request, response: Response, session: SessionDep, tenant: TenantDep,
                dispatcher: DispatcherDep) -> JobOut:
     model = get_owned(session, ModelRecord, tenant.id, body.model_id)
     if model is None:
         raise not_found("model", body.model_id)
     if body.dataset_id is not None and get_owned(session, DatasetRecord, tenant.id, body.dataset_id) is None:
         raise not_found("dataset", body.dataset_id)
+    if body.callback_url and not (body.callback_secret or request.app.state.settings.webhook_secret):
+        raise Problem(422, "callback_url needs a signing key: pass callback_secret (16+ characters) or have the "
+                           "operator set HWPRUNE_WEBHOOK_SECRET")
     spec_d = body.spec_dict()
     if "input_shape" not in spec_d and model.input_shape:
         spec_d["input_shape"] = list(model.input_shape)
@@ -43,6 +47,7 @@ def create_job(body: JobRequest, response: Response, session: SessionDep, tenant
         id=new_id(), tenant_id=tenant.id, model_id=model.id, dataset_id=body.dataset_id, method=spec.method,
         granularity=spec.resolved_granularity, accelerator=spec.accelerator, spec=spec.to_dict(),
         status="queued", progress=0.0, cancel_requested=False, attempts=0,
+        callback_url=body.callback_url, callback_secret=body.callback_secret,
     )
     session.add(job)
     session.commit()
@@ -75,7 +80,7 @@ def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, summary="Stop a queued or running job")
-def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
+def cancel_job(job_id: str, request: Request, session: SessionDep, tenant: TenantDep) -> JobOut:
     job = get_owned(session, Job, tenant.id, job_id)
     if job is None:
         raise not_found("job", job_id)
@@ -85,6 +90,8 @@ def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
         session.rollback()
         raise Problem(409, str(e)) from e
     session.commit()
+    if job.status in TERMINAL_STATUSES:  # a queued job is cancelled at once: no worker will report it
+        notify_terminal(request.app.state.session_factory, request.app.state.settings, job.id)
     return JobOut.of(job)
 
 
