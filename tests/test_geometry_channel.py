@@ -16,6 +16,7 @@ from torch import nn
 
 from pruning_core.accelerators import BUILTIN_PROFILES, AcceleratorProfile
 from pruning_core.geometry import ChannelUnit, PruningPlan, build_plan
+from pruning_core.geometry.channel import reshape_target_after
 from pruning_core.ingest import load_model
 
 CPU = BUILTIN_PROFILES["cpu"]  # channel_multiple 8
@@ -198,6 +199,13 @@ def test_converted_resnet18_channel_pruned_runs() -> None:
     convs = [m for m in pruned.modules() if isinstance(m, nn.Conv2d)]
     assert all(c.out_channels % 8 == 0 for c in convs)
     assert sum(c.out_channels for c in convs) < 0.6 * sum(r.weight_shape[0] for r in plan.layers[:-1])
+
+
+def test_reshape_targets_follow_channel_counts() -> None:
+    assert reshape_target_after([1, 512], (1, 512, 1, 1), (1, 256, 1, 1)) == [1, 256]  # static flatten
+    assert reshape_target_after([0, 2048], (1, 512, 2, 2), (1, 256, 2, 2)) == [0, 1024]  # 0 = copy the batch dim
+    assert reshape_target_after([1, 512, 1, 1], (1, 512), (1, 256)) == [1, 256, 1, 1]  # unsqueeze keeps C at dim 1
+    assert reshape_target_after([1, -1], (1, 512, 1, 1), (1, 256, 1, 1)) == [1, -1]  # already adaptive
 
 
 @pytest.mark.slow

@@ -283,7 +283,7 @@ def _reshape_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if "Reshape" in type(m).__name__ and not list(m.children())]
 
 
-def _target_after(target: list[int], before: tuple[int, ...], after: tuple[int, ...]) -> list[int]:
+def reshape_target_after(target: list[int], before: tuple[int, ...], after: tuple[int, ...]) -> list[int]:
     """The reshape target that does to `after` what `target` did to `before` (channel count changed only)."""
     if -1 in target or math.prod(after) == math.prod(d if d else before[i] for i, d in enumerate(target)):
         return target
@@ -336,7 +336,7 @@ class ReshapeTargets:
             shape = args[1]
             assert isinstance(shape, Tensor)
             before, target = self.seen[m]
-            new = _target_after(target, before, tuple(args[0].shape))
+            new = reshape_target_after(target, before, tuple(args[0].shape))
             if new == [int(v) for v in shape.tolist()]:
                 return
             if len(self.users.get(id(shape), set())) > 1:
