@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from sqlalchemy import text
 
-from api import problems
+from api import dashboard, metrics, problems
 from api.dispatch import CeleryDispatcher, Dispatcher
 from api.routes import accelerators, datasets, events, jobs, models
 from db.artifacts import ArtifactStore
@@ -52,6 +52,9 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
     problems.install(app)
     for r in (models.router, datasets.router, accelerators.router, jobs.router, events.router):
         app.include_router(r)
+    dashboard.install(app)  # /dashboard (api/dashboard/)
+    if settings.metrics_enabled:
+        app.include_router(metrics.make_router(app.state.session_factory, settings.broker_url))
 
     @app.get("/healthz", tags=["health"], summary="Liveness + database reachability (no auth)")
     def healthz() -> dict[str, Any]:
