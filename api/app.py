@@ -6,13 +6,16 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
 from sqlalchemy import text
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 
 from api import dashboard, metrics, problems
 from api.dispatch import CeleryDispatcher, Dispatcher
@@ -20,6 +23,9 @@ from api.routes import accelerators, datasets, events, jobs, models
 from db.artifacts import ArtifactStore
 from db.session import make_engine, make_session_factory
 from hwprune.settings import Settings
+from worker.sweeper import Sweeper
+
+log = logging.getLogger("hwprune.api")
 
 
 def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> FastAPI:
@@ -33,7 +39,10 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
         start = getattr(dispatcher, "start", None)
         if start is not None:
             start()
+        sweeper = _sweeper(settings, dispatcher, app)
         yield
+        if sweeper is not None:
+            sweeper.stop()
         stop = getattr(dispatcher, "stop", None)
         if stop is not None:
             stop()
@@ -50,6 +59,7 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
     app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                        allow_headers=["*"], expose_headers=["Location"])
     problems.install(app)
+    _install_db_down(app, settings.retry_after_s)
     for r in (models.router, datasets.router, accelerators.router, jobs.router, events.router):
         app.include_router(r)
     dashboard.install(app)  # /dashboard (api/dashboard/)
@@ -63,3 +73,34 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
         return {"status": "ok", "mode": "embedded" if settings.embedded else "celery"}
 
     return app
+
+
+def _sweeper(settings: Settings, dispatcher: Dispatcher, app: FastAPI) -> Sweeper | None:
+    """With a broker, this process re-sends lost messages and recovers jobs of vanished workers
+    (worker/sweeper.py); the embedded worker recovers on start instead."""
+    if settings.embedded or settings.sweep_interval_s <= 0:
+        return None
+    celery = dispatcher.app if isinstance(dispatcher, CeleryDispatcher) else \
+        CeleryDispatcher(settings.broker_url or "", settings.visibility_timeout_s).app
+
+    def send(task: str, queue: str, job_id: str) -> None:
+        celery.send_task(task, args=[job_id], queue=queue)
+
+    sweeper = Sweeper(app.state.session_factory, settings, send)
+    app.state.sweeper = sweeper
+    sweeper.start()
+    return sweeper
+
+
+def _install_db_down(app: FastAPI, retry_after_s: int) -> None:
+    """Database unreachable (restart, failover): 503 + Retry-After instead of a 500. Recovery needs nothing:
+    the pool pre-pings (db/session.py), so the first request after the database is back gets a new connection."""
+
+    async def _db_down(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("database unreachable on %s %s: %s", request.method, request.url.path,
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return problems.problem_response(request, 503, "the database is unreachable; retry after "
+                                                        f"{retry_after_s} s", {"Retry-After": str(retry_after_s)})
+
+    for exc_type in (OperationalError, InterfaceError, DisconnectionError):
+        app.add_exception_handler(exc_type, _db_down)

@@ -27,6 +27,7 @@ from db.session import transaction
 from hwprune.settings import Settings
 from pruning_core.errors import Cancelled, HwpruneError
 from pruning_core.progress import Progress
+from worker.sweeper import Heartbeat
 from worker.webhooks import notify_terminal
 
 log = logging.getLogger("hwprune.worker")
@@ -132,7 +133,8 @@ def _run_guarded(ctx: TaskContext, job_id: str, tracker: RowProgress, body: Call
                  limit_s: int) -> bool:
     """Run `body`; on any failure end the job with a reason. True when body completed."""
     try:
-        body()
+        with Heartbeat(ctx.factory, job_id, ctx.worker_name, ctx.settings.heartbeat_interval_s):
+            body()  # the heartbeat tells worker/sweeper.py this job's worker is alive
         return True
     except Cancelled:
         if tracker.timed_out:
