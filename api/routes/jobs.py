@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from typing import Annotated
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import FileResponse
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from api.deps import DispatcherDep, SessionDep, StoreDep, TenantDep
 from api.problems import Problem
@@ -23,11 +29,41 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("hwprune.api")
 
 
+IdempotencyKey = Annotated[str | None, Header(
+    alias="Idempotency-Key", min_length=1, max_length=128,
+    description="retry-safe submission: the same key (per tenant) returns the job it first created (200); "
+                "reusing it for a different request is a 422")]
+
+
+def _hash_request(body: JobRequest) -> str:
+    return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def _earlier(session: Session, tenant_id: str, key: str, req_hash: str, response: Response) -> JobOut | None:
+    """The job an earlier request with this Idempotency-Key created (answered 200), or None."""
+    job = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+    if job is None:
+        return None
+    if job.request_hash != req_hash:
+        raise Problem(422, f"Idempotency-Key {key!r} was already used for a different job request; send a new "
+                           "key for a new job, or repeat the original request unchanged")
+    response.status_code = 200
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobOut.of(job)
+
+
 @router.post("", status_code=202, response_model=JobOut, summary="Submit a pruning job",
              responses={202: {"headers": {"Location": {"description": "the job's URL",
-                                                       "schema": {"type": "string"}}}}})
+                                                       "schema": {"type": "string"}}}},
+                        200: {"model": JobOut, "description": "the job an earlier request with the same "
+                                                              "Idempotency-Key created"}})
 def create_job(body: JobRequest, request: Request, response: Response, session: SessionDep, tenant: TenantDep,
-               dispatcher: DispatcherDep) -> JobOut:
+               dispatcher: DispatcherDep, idempotency_key: IdempotencyKey = None) -> JobOut:
+    req_hash = _hash_request(body) if idempotency_key is not None else None
+    if idempotency_key is not None and req_hash is not None:
+        earlier = _earlier(session, tenant.id, idempotency_key, req_hash, response)
+        if earlier is not None:
+            return earlier
     model = get_owned(session, ModelRecord, tenant.id, body.model_id)
     if model is None:
         raise not_found("model", body.model_id)
@@ -48,9 +84,18 @@ def create_job(body: JobRequest, request: Request, response: Response, session: 
         granularity=spec.resolved_granularity, accelerator=spec.accelerator, spec=spec.to_dict(),
         status="queued", progress=0.0, cancel_requested=False, attempts=0,
         callback_url=body.callback_url, callback_secret=body.callback_secret,
+        idempotency_key=idempotency_key, request_hash=req_hash,
     )
     session.add(job)
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError:  # a concurrent request with the same Idempotency-Key won the unique index
+        session.rollback()
+        if idempotency_key is None or req_hash is None:
+            raise
+        earlier = _earlier(session, tenant.id, idempotency_key, req_hash, response)
+        assert earlier is not None, "unique violation without an earlier job for this Idempotency-Key"
+        return earlier
     try:
         dispatcher.submit(job.id)
     except Exception as e:
