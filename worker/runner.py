@@ -34,6 +34,15 @@ log = logging.getLogger("hwprune.worker")
 # Overall progress: pruning (gpu queue) is most of the work, latency measurement (cpu queue) the rest.
 PRUNE_SPAN, MEASURE_SPAN = (0.0, 0.85), (0.85, 1.0)
 INTERNAL = "internal error in the worker (the traceback is in the worker log); submit the job again or report it"
+OUT_OF_MEMORY = ("the job ran out of memory on the worker; lower batch_size or input_shape, or use a smaller model "
+                 "or a worker with more memory")
+# How allocation failures read: numpy/Python MemoryError, torch's CPU allocator and CUDA OOM, onnxruntime's arena.
+_OOM_MARKS = ("out of memory", "can't allocate memory", "cannot allocate memory", "failed to allocate memory",
+              "bad_alloc", "bad allocation")
+
+
+def out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or any(m in str(e).lower() for m in _OOM_MARKS)
 
 
 @dataclass
@@ -147,9 +156,13 @@ def _run_guarded(ctx: TaskContext, job_id: str, tracker: RowProgress, body: Call
                                     "smaller model")
     except HwpruneError as e:
         _end(ctx, job_id, "failed", str(e))
-    except Exception:
-        log.exception("job %s crashed", job_id)
-        _end(ctx, job_id, "failed", INTERNAL)
+    except Exception as e:
+        if out_of_memory(e):
+            log.warning("job %s ran out of memory: %s", job_id, e)
+            _end(ctx, job_id, "failed", OUT_OF_MEMORY)
+        else:
+            log.exception("job %s crashed", job_id)
+            _end(ctx, job_id, "failed", INTERNAL)
     return False
 
 
