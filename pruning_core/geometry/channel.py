@@ -5,7 +5,10 @@ add, a depthwise conv and its producer, the BatchNorm after a concat, ...) share
 channel of the group's root layer. While masks are soft, the mask multiplies the *out-channel* parameters
 of the group (Conv/Linear weight rows and biases, norm-layer weight and bias), so a zero mask entry makes
 the channel exactly zero everywhere it is produced; `finalize` then removes the channels physically
-(consumers' input channels included) with `Group.prune()`.
+(consumers' input channels included) with `Group.prune()`. For BatchNorm groups the masked and the pruned
+model compute the same function; LayerNorm / GroupNorm normalise across channels, so there removal differs
+slightly from masking (noted in `plan.notes`). Grouped convs tie the channels at the same index of every
+conv group into one pruning group (balanced removal); channel shuffles are barriers (groups through them kept).
 """
 
 from __future__ import annotations
@@ -116,6 +119,11 @@ class ChannelUnit(PruningUnit):
         self.channel_multiple = math.lcm(width, channel_multiple) // width
 
     @property
+    def normalised_by(self) -> list[str]:
+        """Members that normalise across channels (LayerNorm, GroupNorm): masking != removal for them."""
+        return [m.name for m in self.members if isinstance(m.module, (nn.LayerNorm, nn.GroupNorm))]
+
+    @property
     def layer_names(self) -> list[str]:
         return [m.name for m in self.members if isinstance(m.module, (*CONV_TYPES, nn.Linear))]
 
@@ -224,7 +232,14 @@ def find_channel_barriers(model: nn.Module, example_input: Tensor | tuple[Tensor
 
     def hook(m: nn.Module, inputs: tuple[object, ...], out: object) -> None:
         x = next((i for i in inputs if isinstance(i, Tensor) and i.is_floating_point()), None)
-        if x is not None and isinstance(out, Tensor) and _splits_channels(x, out):
+        if x is None or not isinstance(out, Tensor):
+            return
+        # a pure transpose (NCHW -> NHWC before LayerNorm / Linear, as in ConvNeXt) only moves the channel
+        # dim; Torch-Pruning follows it. Reshapes that split or merge channels (shuffle) are barriers.
+        is_transpose = "Transpose" in type(m).__name__ or "Permute" in type(m).__name__
+        if is_transpose and x.dim() == out.dim() and sorted(x.shape) == sorted(out.shape):
+            return
+        if _splits_channels(x, out):
             found[m] = names[m]
 
     leaves = [m for m in model.modules() if not list(m.children()) and not list(m.parameters(recurse=False))]

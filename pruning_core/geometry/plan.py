@@ -226,7 +226,13 @@ def build_plan(model: nn.Module, example_input: Tensor | tuple[Tensor, ...], gra
             records.append(LayerRecord(name, op_type(m), tuple(raw_tensor(m, "weight").shape), prunable, reason))
     else:
         units, records = _channel_units(model, example_input, profile, all_layers, outputs, overrides)
-    return PruningPlan(model, example_input, granularity, profile, units, records, all_layers)
+    plan = PruningPlan(model, example_input, granularity, profile, units, records, all_layers)
+    normed = [u.name for u in units if isinstance(u, ChannelUnit) and u.normalised_by]
+    if normed:
+        plan.notes.append(f"{len(normed)} channel group(s) pass through LayerNorm/GroupNorm ({normed[0]}, ...): "
+                          "while masked, zeroed channels still count in the norm's statistics, so removing them "
+                          "at finalize changes the output slightly (BatchNorm groups match exactly)")
+    return plan
 
 
 def _channel_units(model: nn.Module, example_input: Tensor | tuple[Tensor, ...], profile: AcceleratorProfile,
