@@ -18,6 +18,9 @@ from sqlalchemy.orm import Session
 
 from db.models import TERMINAL_STATUSES, Job, utcnow
 
+WORKER_DIED = ("its worker process died during each of {n} attempts (killed; most often by the out-of-memory "
+               "killer); lower batch_size or input_shape, or use a smaller model or a worker with more memory")
+
 
 class TransitionRefused(Exception):
     """The job is not in a state that allows this transition (e.g. cancelling a finished job)."""
@@ -36,13 +39,18 @@ def _guarded_update(session: Session, job_id: str, expect: dict[str, Any], value
     return bool(res.rowcount == 1)  # type: ignore[attr-defined]
 
 
-def _take_over(session: Session, job: Job, phase: str, worker: str, worker_gone: Callable[[str], bool] | None
-               ) -> Job | None:
+def _take_over(session: Session, job: Job, phase: str, worker: str, worker_gone: Callable[[str], bool] | None,
+               max_attempts: int | None = None) -> Job | None:
     """A redelivered message for a job whose worker process is known to be dead (Celery requeues on a lost
-    worker) takes it over; a live or unknown holder keeps it, so a job never runs twice at once."""
+    worker) takes it over; a live or unknown holder keeps it, so a job never runs twice at once. After
+    `max_attempts` runs the job fails instead: a job that kills its worker (OOM killer) must not loop forever."""
     if worker_gone is None or job.status != "running" or job.phase != phase or not job.worker:
         return None
     if not worker_gone(job.worker):
+        return None
+    if max_attempts is not None and job.attempts >= max_attempts:
+        _guarded_update(session, job.id, {"status": "running", "phase": phase, "worker": job.worker},
+                        {"status": "failed", "finished_at": utcnow(), "error": WORKER_DIED.format(n=job.attempts)})
         return None
     ok = _guarded_update(session, job.id, {"status": "running", "phase": phase, "worker": job.worker},
                          {"worker": worker, "attempts": job.attempts + 1, "stage": "restarting",
@@ -54,14 +62,14 @@ def _take_over(session: Session, job: Job, phase: str, worker: str, worker_gone:
 
 
 def claim_prune(session: Session, job_id: str, worker: str,
-                worker_gone: Callable[[str], bool] | None = None) -> Job | None:
+                worker_gone: Callable[[str], bool] | None = None, max_attempts: int | None = None) -> Job | None:
     """queued -> running (phase prune). None when the job is gone, already taken, or was cancelled.
     With `worker_gone`, a job still marked running by a dead worker process is taken over."""
     job = _locked(session, job_id)
     if job is None:
         return None
     if job.status == "running":
-        return _take_over(session, job, "prune", worker, worker_gone)
+        return _take_over(session, job, "prune", worker, worker_gone, max_attempts)
     if job.status != "queued":
         return None
     if job.cancel_requested:
@@ -85,13 +93,14 @@ def hand_to_measure(session: Session, job_id: str) -> bool:
 
 
 def claim_measure(session: Session, job_id: str, worker: str,
-                  worker_gone: Callable[[str], bool] | None = None) -> Job | None:
+                  worker_gone: Callable[[str], bool] | None = None, max_attempts: int | None = None
+                  ) -> Job | None:
     """phase measure_queued -> measure. None when already taken or no longer running."""
     job = _locked(session, job_id)
     if job is None or job.status != "running":
         return None
     if job.phase == "measure":
-        return _take_over(session, job, "measure", worker, worker_gone)
+        return _take_over(session, job, "measure", worker, worker_gone, max_attempts)
     if job.phase != "measure_queued":
         return None
     if not _guarded_update(session, job_id, {"status": "running", "phase": "measure_queued"},

@@ -168,7 +168,7 @@ def _run_guarded(ctx: TaskContext, job_id: str, tracker: RowProgress, body: Call
 
 def run_prune(ctx: TaskContext, job_id: str) -> None:
     with transaction(ctx.factory) as s:
-        job = rows.claim_prune(s, job_id, ctx.worker_name, worker_gone)
+        job = rows.claim_prune(s, job_id, ctx.worker_name, worker_gone, ctx.settings.max_attempts)
         if job is None:
             log.info("job %s: not queued any more (redelivered, cancelled or gone); skipping", job_id)
             return
@@ -232,7 +232,7 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
 
 def run_measure(ctx: TaskContext, job_id: str) -> None:
     with transaction(ctx.factory) as s:
-        job = rows.claim_measure(s, job_id, ctx.worker_name, worker_gone)
+        job = rows.claim_measure(s, job_id, ctx.worker_name, worker_gone, ctx.settings.max_attempts)
         if job is None:
             log.info("job %s: not waiting for measurement (redelivered or cancelled); skipping", job_id)
             return
