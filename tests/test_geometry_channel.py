@@ -201,6 +201,46 @@ def test_converted_resnet18_channel_pruned_runs() -> None:
     assert sum(c.out_channels for c in convs) < 0.6 * sum(r.weight_shape[0] for r in plan.layers[:-1])
 
 
+class NextBlock(nn.Module):
+    """ConvNeXt-style: depthwise conv, NCHW -> NHWC transpose, LayerNorm, Linear MLP, transpose back, residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 2, stride=2)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.norm = nn.LayerNorm(32)
+        self.up = nn.Linear(32, 64)
+        self.down = nn.Linear(64, 32)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        x = x + self.down(nn.functional.gelu(self.up(y))).permute(0, 3, 1, 2)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_converted_transpose_layernorm_block(tmp_path: Path) -> None:
+    torch.manual_seed(7)
+    x = torch.randn(1, 3, 16, 16)
+    path = tmp_path / "next.onnx"
+    torch.onnx.export(NextBlock().eval(), (x,), str(path), dynamo=False, opset_version=17, input_names=["input"],
+                      output_names=["logits"], dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}})
+    model = load_model(path, [1, 3, 16, 16], verify=False).module
+    plan = build_plan(model, x, "channel", CPU)
+    # the transposes do not block: the residual stream (through LayerNorm) and the MLP hidden are both units
+    assert len(plan.units) == 2 and any("LayerNorm" in n for n in plan.notes), plan.notes
+    hidden = next(u for u in plan.units if isinstance(u, ChannelUnit) and u.channels == 64)
+    hard = [torch.ones(u.num_groups) if u is not hidden else (torch.arange(64) < 32).float() for u in plan.units]
+    pruned = _prune_and_compare(plan, model, x, hard)  # MLP hidden only: no LayerNorm, so masking == removal
+    assert pruned(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    model2 = load_model(path, [1, 3, 16, 16], verify=False).module
+    plan2 = build_plan(model2, x, "channel", CPU)
+    pruned2 = plan2.finalize(plan2.select(plan2.group_norms(), 0.5, "uniform", 0.05))
+    assert pruned2(torch.randn(2, 3, 16, 16)).shape == (2, 10)  # residual stream + LayerNorm removed too
+    assert _params(pruned2) < _params(pruned)
+
+
 def test_reshape_targets_follow_channel_counts() -> None:
     assert reshape_target_after([1, 512], (1, 512, 1, 1), (1, 256, 1, 1)) == [1, 256]  # static flatten
     assert reshape_target_after([0, 2048], (1, 512, 2, 2), (1, 256, 2, 2)) == [0, 1024]  # 0 = copy the batch dim
