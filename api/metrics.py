@@ -37,12 +37,13 @@ class ServiceCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         with self.factory() as s:
-            counts = dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).tuples().all())
+            counts: dict[str, int] = {st: n for st, n in s.execute(
+                select(Job.status, func.count()).group_by(Job.status)).all()}
             waiting_measure = s.scalar(select(func.count()).where(Job.status == "running",
                                                                   Job.phase == "measure_queued")) or 0
             spans = s.execute(select(Job.status, Job.started_at, Job.finished_at).where(
                 Job.status.in_(TERMINAL_STATUSES), Job.started_at.is_not(None),
-                Job.finished_at.is_not(None))).tuples().all()
+                Job.finished_at.is_not(None))).all()
         jobs = GaugeMetricFamily("hwprune_jobs", "Jobs by state (all tenants)", labels=["state"])
         for st in JOB_STATUSES:
             jobs.add_metric([st], float(counts.get(st, 0)))
