@@ -294,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--long-budget-cells", help="run budgets above the smallest only on cells like 'block 4x4@0.97'")
     ap.add_argument("--no-transformer", action="store_true")
     ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--timing-only", action="store_true", help="only the SMART-step vs masked-step timing")
     ap.add_argument("--report-from", help="render the report from a <json>.partial file of an interrupted run")
     ap.add_argument("--lr", type=float, default=LR, help="weight learning rate shared by every method")
     ap.add_argument("--widths", default=",".join(map(str, CNN_WIDTHS)), help="CNN channel widths")
@@ -327,6 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     # transformer first, then the whole short-budget grid, then the long budget: a time-boxed run that is
     # stopped early (see --report-from) still has complete short-budget tables
     jobs.sort(key=lambda j: (j.model == "cnn", j.budget))
+    if args.timing_only:
+        jobs = []
     results: list[dict[str, Any]] = []
     timing: list[dict[str, Any]] = []
     if args.report_from:  # render the tables from the results an interrupted run left behind
@@ -337,7 +340,8 @@ def main(argv: list[str] | None = None) -> None:
         started, wall = "see the partial run", float("nan")
     else:
         split = load_digits_split()
-        dense = train_all_dense(split, ["cnn"] + ([] if args.no_transformer else ["transformer"]), seeds)
+        dense = train_all_dense(split, ["cnn"] + ([] if args.no_transformer else ["transformer"]),
+                                seeds[:1] if args.timing_only else seeds)
         partial = open(args.json + ".partial", "w") if args.json else None  # noqa: SIM115
         with ProcessPoolExecutor(max_workers=args.jobs, initializer=_init_worker,
                                  initargs=(dense, SMART_OVERRIDES, _settings)) as pool:
