@@ -69,6 +69,7 @@ function stopStreams() { for (const c of state.streams.values()) c.abort(); stat
 // ---------------------------------------------------------------- formatting
 const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
 const pct = (x) => (x == null ? "–" : (100 * x).toFixed(1) + "%");
+const ms = (x) => (x == null ? "–" : Number(x) < 1 ? Number(x).toPrecision(3) : Number(x).toFixed(2));
 const num = (x, d = 2) => (x == null || Number.isNaN(x) ? "–" : Number(x).toFixed(d));
 function human(n) {
   if (n == null) return "–";
@@ -301,7 +302,7 @@ async function showResults(j) {
   const lat = report.latency_ms || {}, dl = lat.dense || {}, pl = lat.pruned || {};
   const fid = report.fidelity || {};
   $("#job-cards").innerHTML = [
-    card("Latency (median)", `${num(dl.median)} → ${num(pl.median)} ms`,
+    card("Latency (median)", `${ms(dl.median)} → ${ms(pl.median)} ms`,
       `speedup ${num(report.speedup)}× · ${esc(pl.provider || "")} · ${pl.threads ?? "?"} threads · ${pl.runs ?? "?"} runs`),
     card("MACs", `${human(report.macs?.dense)} → ${human(report.macs?.pruned)}`,
       `ratio ${num(report.macs?.ratio, 3)} · effective ${human(report.macs?.effective)}`),
@@ -366,6 +367,9 @@ async function loadCompare(modelId) {
   };
   const pts = page.items.map((j) => ({ x: j.metrics?.latency_ms?.pruned, y: yOf(j), id: j.id, j }))
     .filter((p) => p.x != null && p.y != null);
+  if (!pts.length && yKey === "accuracy" && page.items.length) {  // no labelled data: fall back to fidelity
+    $("#cmp-y").value = "top1"; return loadCompare(sel.value);
+  }
   const dense = page.items.map((j) => j.metrics?.latency_ms?.dense).filter((x) => x != null);
   const datasets = [{ label: "pruned jobs", data: pts, backgroundColor: "#2563eb", pointRadius: 6 }];
   if (dense.length && yKey !== "accuracy") {
@@ -373,13 +377,13 @@ async function loadCompare(modelId) {
       data: [{ x: dense.sort((a, b) => a - b)[Math.floor(dense.length / 2)], y: 1, id: null }] });
   }
   chart("chart-compare", { type: "scatter", data: { datasets }, options: {
-    scales: { x: { title: { display: true, text: "pruned latency, median (ms)" } },
+    scales: { x: { title: { display: true, text: "latency, median (ms)" } },
       y: { title: { display: true, text: $("#cmp-y").selectedOptions[0].text } } },
     onClick: (_e, els) => { const p = els[0] && datasets[els[0].datasetIndex].data[els[0].index]; if (p && p.id) location.hash = "#/job/" + p.id; },
     plugins: { tooltip: { callbacks: { label: (c) => c.raw.j ? `${c.raw.j.method} ${c.raw.j.granularity} s=${pct(c.raw.j.achieved_sparsity)}: ${num(c.raw.x)} ms, ${num(c.raw.y, 4)}` : `dense: ${num(c.raw.x)} ms` } } } } });
   $("#cmp-table tbody").innerHTML = page.items.map((j) => `<tr><td><a href="#/job/${esc(j.id)}"><code>${esc(j.id.slice(-10))}</code></a></td>
     <td>${esc(j.method)}</td><td>${esc(j.granularity)}</td><td>${pct(j.achieved_sparsity)}</td>
-    <td>${num(j.metrics?.latency_ms?.dense)} → ${num(j.metrics?.latency_ms?.pruned)}</td><td>${num(j.speedup)}×</td>
+    <td>${ms(j.metrics?.latency_ms?.dense)} → ${ms(j.metrics?.latency_ms?.pruned)}</td><td>${num(j.speedup)}×</td>
     <td>${pct(j.metrics?.fidelity?.top1_agreement)}</td><td>${yOf(Object.assign({}, j)) != null && yKey === "accuracy" ? pct(yOf(j)) : "–"}</td></tr>`).join("");
   $("#chart-compare").dataset.points = String(pts.length);
 }
