@@ -29,7 +29,10 @@ def test_stats_are_consistent(tmp_path: Path) -> None:
     assert 15 <= s.runs <= 200
     assert 0 < s.median <= s.p90
     d = s.to_dict()
-    assert set(d) == {"median", "p90", "mean", "runs", "provider", "threads"}
+    assert set(d) == {"median", "p90", "mean", "runs", "provider", "threads", "cpu_median"}
+    # one thread: the work runs on the calling thread, so CPU time is positive and (up to the clock's
+    # granularity) never more than wall time; 1 ms covers the process-clock tick on coarse kernels
+    assert s.cpu_median is not None and 0 < s.cpu_median <= s.median + 1.0
 
 
 def test_run_limit_is_respected(tmp_path: Path) -> None:
