@@ -166,9 +166,12 @@ def width_sweep(threads: int, seconds: float, tmp: Path, widths: range = range(6
     stats = measure_many(paths, [[1, c, 28, 28] for c in widths], threads=threads, min_runs=60,
                          max_seconds=seconds)
     lines = ["3x3 conv, 28x28, batch 1, C in = C out, interleaved runs:", "",
-             "| channels | MACs (M) | median ms | GMAC/s |", "| ---: | ---: | ---: | ---: |"]
+             "| channels | MACs (M) | wall ms (median) | CPU ms (median) | GMAC/s wall | GMAC/s CPU |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
     for c, m, st in zip(widths, macs, stats, strict=True):
-        lines.append(f"| {c} | {m / 1e6:.1f} | {st.median:.3f} | {m / st.median / 1e6:.1f} |")
+        cpu = st.cpu_median or float("nan")
+        lines.append(f"| {c} | {m / 1e6:.1f} | {st.median:.3f} | {cpu:.3f} | {m / st.median / 1e6:.1f} "
+                     f"| {m / cpu / 1e6:.1f} |")
     return "\n".join(lines)
 
 
