@@ -39,10 +39,16 @@ class _Bar:
     """A tqdm bar over the job's overall 0..1 progress, labelled with the current stage."""
 
     def __init__(self) -> None:
-        from tqdm import tqdm
+        self._bar: Any = None  # created on the first report, so input errors print alone
 
-        self.bar = tqdm(total=1000, unit="‰", file=sys.stderr, dynamic_ncols=True,
-                        bar_format="{desc:<10} {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
+    @property
+    def bar(self) -> Any:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=1000, unit="‰", file=sys.stderr, dynamic_ncols=True,
+                             bar_format="{desc:<10} {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
+        return self._bar
 
     def __call__(self, stage: str, fraction: float, metrics: dict[str, Any]) -> None:
         self.bar.set_description_str(stage)
@@ -52,7 +58,8 @@ class _Bar:
         self.bar.update(max(0, int(fraction * 1000) - self.bar.n))
 
     def close(self) -> None:
-        self.bar.close()
+        if self._bar is not None:
+            self._bar.close()
 
 
 def prune(

@@ -29,6 +29,12 @@ def digits_cnn() -> nn.Module:
     )
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    """Tiny test models gain nothing from intra-op threads, and two threads on a busy 2-core box are ~17x slower."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def digits_model(tmp_path_factory: pytest.TempPathFactory) -> DigitsModel:
     from sklearn.datasets import load_digits
