@@ -4,7 +4,8 @@ download cannot work here, so `executable_path` points at /usr/bin/chromium; a m
 Against a real `hwprune serve` (embedded worker, SQLite): enter a key, upload a model, submit a SMART job from
 the form, watch the row reach `succeeded` without reloading (SSE over fetch), open the job page, check every
 chart was drawn with data, download model.onnx through the authenticated blob link and load it in ONNX
-Runtime, and plot the job on the comparison view. Screenshots go to the test's tmp folder."""
+Runtime; then a 3D job (samples + chosen point chart), and both jobs on the comparison view.
+Screenshots go to the test's tmp folder."""
 
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def test_dashboard_end_to_end_in_chromium(tiny_onnx: Path, tmp_path: Path) -> No
             page.select_option("#f-accel", "cpu")
             page.fill("#f-target", "0.5")
             page.fill("#f-steps", "30")
-            page.click("#job-form details summary")
+            page.locator("#job-form details").evaluate("d => { d.open = true; }")
             page.fill("#f-extra", json.dumps({"batch_size": 8, "latency_seconds": 1.0}))
             page.screenshot(path=str(shots / "1-submit.png"), full_page=True)
             page.click("#job-form button[type=submit]")
@@ -143,18 +144,43 @@ def test_dashboard_end_to_end_in_chromium(tiny_onnx: Path, tmp_path: Path) -> No
             out = sess.run(None, {sess.get_inputs()[0].name: np.zeros((1, 3, 16, 16), np.float32)})
             assert out[0].shape == (1, 10)
 
-            # Comparison view: the job is a point at its measured pruned latency.
+            # A 3D job from the same form: its page plots the sampled configurations and the chosen point,
+            # and has no SMART training curve. This time the job page itself follows the job live.
+            page.click("#nav a[data-view=submit]")
+            expect(page.locator("#f-model option")).to_have_count(1)
+            page.select_option("#f-method", "3d")
+            expect(page.locator("#f-target-kind")).to_have_value("flops")
+            page.fill("#f-target", "0.5")
+            page.fill("#f-steps", "4")
+            page.locator("#job-form details").evaluate("d => { d.open = true; }")
+            page.fill("#f-extra", json.dumps({"batch_size": 8, "latency_seconds": 0.5}))
+            page.click("#job-form button[type=submit]")
+            expect(page.locator("#jobs-table tbody tr")).to_have_count(2, timeout=30_000)
+            row3d = page.locator("#jobs-table tbody tr").first
+            job3d = row3d.get_attribute("data-id")
+            assert job3d and job3d != job_id
+            row3d.locator("a").first.click()
+            expect(page.locator("#job-results")).to_be_visible(timeout=300_000)
+            expect(page.locator("#job-badge")).to_contain_text("succeeded")
+            r3d = httpx.get(f"{base}/v1/jobs/{job3d}/artifacts/report.json",
+                            headers={"Authorization": f"Bearer {key}"}).json()
+            assert _chart_points(page, "chart-3d") == [len(r3d["plan3d"]["samples"]), 1]
+            assert page.locator("#card-training").is_hidden()
+            page.screenshot(path=str(shots / "5-job-3d.png"), full_page=True)
+
+            # Comparison view: both jobs are points at their measured pruned latency.
             model_id = httpx.get(f"{base}/v1/jobs/{job_id}",
                                  headers={"Authorization": f"Bearer {key}"}).json()["model_id"]
             page.goto(f"{base}/dashboard#/compare/{model_id}")
             page.select_option("#cmp-y", "top1")
-            expect(page.locator("#cmp-table tbody tr")).to_have_count(1)
-            expect(page.locator("#chart-compare")).to_have_attribute("data-points", "1")
-            x = page.evaluate("Chart.getChart('chart-compare').data.datasets[0].data[0].x")
-            assert x == pytest.approx(report["latency_ms"]["pruned"]["median"])
-            page.screenshot(path=str(shots / "5-compare.png"), full_page=True)
+            expect(page.locator("#cmp-table tbody tr")).to_have_count(2)
+            expect(page.locator("#chart-compare")).to_have_attribute("data-points", "2")
+            xs = page.evaluate("Chart.getChart('chart-compare').data.datasets[0].data.map(p => [p.id, p.x])")
+            assert dict(xs) == pytest.approx({job_id: report["latency_ms"]["pruned"]["median"],
+                                              job3d: r3d["latency_ms"]["pruned"]["median"]})
+            page.screenshot(path=str(shots / "6-compare.png"), full_page=True)
             browser.close()
     finally:
         srv.stop()
     assert not errors, f"browser errors: {errors}"
-    assert len(list(shots.glob("*.png"))) == 5
+    assert len(list(shots.glob("*.png"))) == 6
