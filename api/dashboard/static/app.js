@@ -345,9 +345,13 @@ async function showResults(j) {
     const chosen = [{ x: p3.macs?.pruned, y: chosenY, d: p3.depth, w: p3.width, r: p3.resolution }];
     chart("chart-3d", { type: "scatter", data: { datasets: [
       { label: "samples", data: samples, backgroundColor: "#98a2b3" },
-      { label: "chosen", data: chosen, backgroundColor: "#b42318", pointRadius: 8, pointStyle: "star" } ] },
+      { label: "chosen", data: chosen, backgroundColor: "#b42318", borderColor: "#b42318", borderWidth: 3,
+        pointRadius: 9, pointStyle: "crossRot" } ] },
       options: { scales: { x: { title: { display: true, text: "MACs" } }, y: { title: { display: true, text: p3.score_metric || "score" } } },
         plugins: { tooltip: { callbacks: { label: (c) => `d=${num(c.raw.d)} w=${num(c.raw.w)} r=${num(c.raw.r)}: ${human(c.raw.x)} MACs, score ${num(c.raw.y, 4)}` } } } } });
+    $("#plan3d-note").textContent = `Chosen kept fractions: depth ${num(p3.depth)}, width ${num(p3.width)}, ` +
+      `resolution ${num(p3.resolution)} (input ${(p3.input_shape || []).join("×")}); predicted score ` +
+      `${num(p3.predicted, 4)}, achieved ${num(typeof p3.achieved === "number" ? p3.achieved : chosenY, 4)}. ${p3.resize_note || ""}`;
   }
 }
 
