@@ -20,9 +20,13 @@ class UnsupportedOp(ModelRejected):
     """An ONNX op (with its opset) that the converter cannot turn into torch."""
 
     def __init__(self, op_type: str, opset: int, domain: str = "", detail: str = "") -> None:
-        self.op_type, self.opset, self.domain = op_type, opset, domain
+        self.op_type, self.opset, self.domain, self.detail = op_type, opset, domain, detail
         where = f"{domain or 'ai.onnx'}::{op_type} (opset {opset})"
         super().__init__(f"unsupported ONNX op {where}" + (f": {detail}" if detail else ""))
+
+    def __reduce__(self) -> tuple[type, tuple[str, int, str, str]]:
+        """Crosses process boundaries intact (the API inspects uploads in a spawned process)."""
+        return (UnsupportedOp, (self.op_type, self.opset, self.domain, self.detail))
 
 
 class DatasetRejected(HwpruneError):

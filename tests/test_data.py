@@ -65,3 +65,13 @@ def test_split_is_seeded_and_disjoint() -> None:
     rows = {tuple(r.tolist()) for r in a.inputs} & {tuple(r.tolist()) for r in b.inputs}
     assert not rows
     assert "NO DATA GIVEN" in data.description
+
+
+def test_unsupported_op_survives_pickling() -> None:
+    import pickle
+
+    from pruning_core.errors import UnsupportedOp
+
+    err = pickle.loads(pickle.dumps(UnsupportedOp("Frobnicate", 2, "com.acme", "no converter")))
+    assert isinstance(err, UnsupportedOp)
+    assert str(err) == "unsupported ONNX op com.acme::Frobnicate (opset 2): no converter"
