@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
+from playwright.sync_api import Page
 
 from tests.service.conftest import Proc, free_port, service_env, wait_http
 
@@ -36,10 +37,12 @@ WATCH = """() => {
 }"""
 
 
-def _chart_points(page: object, canvas_id: str) -> list[int]:
-    return page.evaluate(  # type: ignore[attr-defined, no-any-return]
+def _chart_points(page: Page, canvas_id: str) -> list[int]:
+    """Data points per dataset of the Chart.js chart on canvas `canvas_id` ([] when no chart was drawn)."""
+    counts: list[int] = page.evaluate(
         "(id) => { const c = Chart.getChart(id); return c ? c.data.datasets.map(d => d.data.length) : []; }",
         canvas_id)
+    return counts
 
 
 @pytest.mark.slow
