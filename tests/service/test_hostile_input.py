@@ -198,40 +198,43 @@ def test_failing_jobs_give_reasons_and_the_worker_keeps_serving(embedded: tuple[
     with open(tiny_onnx, "rb") as fh:
         model_id = client.post("/v1/models", headers=h, files={"file": ("t.onnx", fh)}).json()["id"]
 
-    def dataset(inputs: np.ndarray, labels: np.ndarray | None = None) -> str:
+    def dataset(inputs: np.ndarray) -> Any:
         buf = io.BytesIO()
-        np.savez(buf, inputs=inputs, **({"labels": labels} if labels is not None else {}))
-        r = client.post("/v1/datasets", headers=h, files={"file": ("d.npz", buf.getvalue())})
-        assert r.status_code == 201, r.text
-        return str(r.json()["id"])
+        np.savez(buf, inputs=inputs)
+        return client.post("/v1/datasets", headers=h, files={"file": ("d.npz", buf.getvalue())})
 
-    wrong_shape = dataset(np.random.rand(8, 5, 7, 7).astype(np.float32))  # the model takes 3x16x16
-    nan_data = dataset(np.full((8, 3, 16, 16), np.nan, np.float32))
+    nan = dataset(np.full((8, 3, 16, 16), np.nan, np.float32))
+    assert nan.status_code == 422 and "nan" in nan.json()["detail"].lower(), nan.text
+    r = dataset(np.random.rand(8, 5, 7, 7).astype(np.float32))  # the model takes 3x16x16
+    assert r.status_code == 201, r.text
+    wrong_shape = r.json()["id"]
     cases = {
         "wrong_shape": {"dataset_id": wrong_shape},
         # 64x64 blocks: larger than every weight of the tiny net (3x16x3x3, 16x16x3x3, 10x16).
         "big_block": {"granularity": "block",
                       "accelerator": {"block_shape": [64, 64], "nm": [2, 4], "channel_multiple": 1}},
-        "nan_data": {"dataset_id": nan_data},
     }
     ids = {}
     for name, patch in cases.items():
         r = client.post("/v1/jobs", headers=h, json={"model_id": model_id, **QUICK, **patch})
         if r.status_code == 422:  # refused up front: as good as a failed job, as long as it says why
-            assert r.json()["detail"], r.text
+            assert name != "wrong_shape" or "shape" in r.json()["detail"].lower(), r.text
             continue
         assert r.status_code == 202, r.text
         ids[name] = r.json()["id"]
     good = client.post("/v1/jobs", headers=h, json={"model_id": model_id, **QUICK}).json()["id"]
     results = {name: poll_job(client, j, h, timeout=240) for name, j in ids.items()}
-    assert "wrong_shape" in results, "a dataset of the wrong shape is only detectable by the worker"
-    failed = results["wrong_shape"]
-    assert failed["status"] == "failed" and "shape" in failed["error"].lower(), failed
-    assert "internal error" not in failed["error"], "the user must be told what to fix"
+    if "wrong_shape" in results:
+        failed = results["wrong_shape"]
+        assert failed["status"] == "failed" and "shape" in failed["error"].lower(), failed
     for name, job in results.items():
         assert job["status"] in ("failed", "succeeded"), (name, job)
         if job["status"] == "failed":
             assert job["error"] and "internal error" not in job["error"], (name, job)
+    # Blocks larger than a weight are clipped to it (one block per weight): a legitimate, if coarse, plan --
+    # measured: succeeded at achieved sparsity 0.5. Either way the job must end with a number or a reason.
+    if "big_block" in results and results["big_block"]["status"] == "succeeded":
+        assert 0 < results["big_block"]["achieved_sparsity"] < 1, results["big_block"]
     done = poll_job(client, good, h, timeout=240)
     assert done["status"] == "succeeded", ("the worker must keep serving after hostile jobs", done)
     assert os.path.getsize(tiny_onnx) > 0
