@@ -102,6 +102,7 @@ def create_job(body: JobRequest, request: Request, response: Response, session: 
         log.exception("could not enqueue job %s", job.id)
         job.status, job.error, job.finished_at = "failed", f"could not enqueue the job: {e}", utcnow()
         session.commit()
+        notify_terminal(request.app.state.session_factory, request.app.state.settings, job.id)
         raise Problem(503, "the job queue is unreachable; the job was recorded as failed, retry later") from e
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return JobOut.of(job)
