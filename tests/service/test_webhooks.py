@@ -223,3 +223,22 @@ def test_embedded_job_delivers_its_terminal_state(tiny_onnx: Path, tmp_path: Pat
     with transaction(make_session_factory(make_engine(f"sqlite:///{tmp_path / 'data' / 'hwprune.db'}"))) as s:
         rows = s.scalars(select(WebhookDelivery).where(WebhookDelivery.job_id == job["id"])).all()
         assert [(r.attempt, r.status_code, r.ok) for r in rows] == [(1, 200, True)]
+
+
+@pytest.mark.services
+def test_cancelling_a_queued_job_notifies(api: ApiHarness, tiny_onnx: Path, receiver_factory: Any) -> None:
+    """A queued job cancelled through the API is terminal at once (no worker will see it): the API delivers."""
+    rec = receiver_factory([200])
+    c, h = api.client, api.h()
+    with open(tiny_onnx, "rb") as f:
+        model = c.post("/v1/models", headers=h, files={"file": ("tiny.onnx", f)}).json()
+    job = c.post("/v1/jobs", headers=h, json={"model_id": model["id"], "method": "magnitude", "steps": 0,
+                                              "callback_url": rec.url, "callback_secret": SECRET}).json()
+    assert job["status"] == "queued", "no worker consumes in API-only tests"
+    assert c.post(f"/v1/jobs/{job['id']}/cancel", headers=h).json()["status"] == "cancelled"
+    assert rec.got.wait(30), "no webhook for the cancelled job"
+    hit = rec.hits[0]
+    assert verify(SECRET, hit.headers[TIMESTAMP_HEADER.lower()], hit.body, hit.headers[SIGNATURE_HEADER.lower()])
+    payload = json.loads(hit.body)
+    assert payload["event"] == "job.cancelled" and payload["job"]["id"] == job["id"]
+    assert payload["job"]["error"] == "cancelled before it started" and payload["job"]["artifacts"] is None
