@@ -1,8 +1,8 @@
 """Differentiable top-k with an exact budget (SMART, Ding et al., arXiv 2403.19969, Sec. "differentiable top-k").
 
 Soft mask f_i = sigmoid(m_i / tau + t), with the scalar shift t chosen so that sum_i f_i = k exactly.
-t is found on the device with a fixed number of safeguarded Newton iterations (bisection whenever Newton
-leaves the bracket; no `.item()`, no host sync). Solved in float64 so the budget holds to ~1e-9 even
+t is found on the device with a fixed number of iterations (bisection, then Newton clamped to the
+bracket; no `.item()`, no host sync). Solved in float64 so the budget holds to ~1e-9 even
 for tau = 1e-3 and wide score ranges. Scores are centred between the k-th and (k+1)-th largest values first,
 so arguments near the threshold are O(1) and keep full precision however large m / tau is.
 
@@ -22,15 +22,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-SOLVER_ITERS = 32  # safeguarded Newton: quadratic near the root, bisection when Newton leaves the bracket or stalls
+BISECTION_ITERS = 20  # cheap iterations (6 small ops each) that shrink the bracket by 2^-20
+NEWTON_ITERS = 6  # then Newton clamped to the bracket: quadratic convergence to float64 precision
+# (stress set of 2000 4-runs and 3000-entry vectors, scores x1..x1000, tau 1..1e-3: worst |sum - k| 4e-16;
+#  the earlier 32-iteration rtsafe loop was as exact but issued ~4x more tensor ops, and op dispatch, not
+#  arithmetic, is what a SMART step pays for on small models)
 
 
 def solve_shift(z: Tensor, k: int) -> Tensor:
     """t[R, 1] with sum_i sigmoid(z[r, i] + t[r]) = k for every row (z centred, 0 < k < N).
 
-    Fixed iteration count, everything on z's device, no host sync. Start at t = 0, which (z being centred
-    between its k-th and (k+1)-th largest values) already solves the problem when the mask is nearly hard;
-    each iteration takes the Newton step if it stays inside the current bracket and bisects otherwise.
+    Fixed iteration count, everything on z's device, no host sync: bisection on a bracket that provably
+    contains the root, then Newton steps clamped to the final bracket.
     """
     n = z.shape[-1]
     assert 0 < k < n, f"budget k={k} must be in (0, {n}) (k = 0 or N has no soft mask to learn)"
@@ -38,20 +41,17 @@ def solve_shift(z: Tensor, k: int) -> Tensor:
     # t_lo makes every term <= k/n (sum <= k); t_hi makes every term >= k/n (sum >= k).
     lo = base - z.amax(dim=-1, keepdim=True)
     hi = base - z.amin(dim=-1, keepdim=True)
-    t = torch.zeros_like(lo).clamp(lo, hi)
-    last_step = hi - lo  # rtsafe (Numerical Recipes): Newton only while it at least halves the step size
-    # (plus a 1e-9 relative slack so a converged iterate keeps its tiny Newton polish instead of bisecting)
-    for _ in range(SOLVER_ITERS):
+    for _ in range(BISECTION_ITERS):
+        mid = 0.5 * (lo + hi)
+        too_big = torch.sigmoid(z + mid).sum(dim=-1, keepdim=True) > k
+        hi = torch.where(too_big, mid, hi)
+        lo = torch.where(too_big, lo, mid)
+    t = 0.5 * (lo + hi)
+    for _ in range(NEWTON_ITERS):
         f = torch.sigmoid(z + t)
         g = f.sum(dim=-1, keepdim=True) - k
-        hi = torch.where(g > 0, t, hi)
-        lo = torch.where(g > 0, lo, t)
-        d = (f * (1 - f)).sum(dim=-1, keepdim=True)
-        newton = t - g / d.clamp_min(1e-300)
-        ok = (newton >= lo) & (newton <= hi) & (d > 0) & ((newton - t).abs() <= 0.5 * last_step + 1e-9 * (1 + t.abs()))
-        t_next = torch.where(ok, newton, 0.5 * (lo + hi))
-        last_step = (t_next - t).abs()
-        t = t_next
+        d = (f - f * f).sum(dim=-1, keepdim=True).clamp_min(1e-300)
+        t = torch.minimum(torch.maximum(t - g / d, lo), hi)
     return t
 
 
@@ -66,7 +66,7 @@ class SoftTopK(torch.autograd.Function):
         # at tau = 1e-3 left the solver 7e-4 off (measured), and float32 was not measurably faster on CPU
         z = scores.detach().double() / tau
         # centre each row between its k-th and (k+1)-th largest values: near-threshold arguments become O(1)
-        # (precision), and t = 0 is the hard top-k threshold (a good start for the solver)
+        # (precision)
         top = torch.topk(z, k + 1, dim=-1).values
         z = z - 0.5 * (top[..., k - 1 : k] + top[..., k : k + 1])
         f = torch.sigmoid(z + solve_shift(z, k))
