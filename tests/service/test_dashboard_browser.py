@@ -70,6 +70,7 @@ def test_dashboard_end_to_end_in_chromium(tiny_onnx: Path, tmp_path: Path) -> No
             # Key once, kept in sessionStorage; a wrong key is refused.
             page.goto(f"{base}/dashboard")
             expect(page.locator("#view-login")).to_be_visible()
+            expect(page.locator("#nav")).to_be_hidden()
             page.fill("#key", "hwp_wrong_key")
             page.click("#login-form button")
             expect(page.locator("#login-error")).to_contain_text("not accepted")
@@ -88,7 +89,11 @@ def test_dashboard_end_to_end_in_chromium(tiny_onnx: Path, tmp_path: Path) -> No
             expect(page.locator("#upload-status")).to_contain_text("Uploaded", timeout=60_000)
             page.select_option("#f-method", "smart")
             page.select_option("#f-granularity", "channel")
+            expect(page.locator("#custom-block")).to_be_hidden()
+            page.select_option("#f-accel", "__custom")  # custom block shape: rows x cols inputs appear
+            expect(page.locator("#f-block-r")).to_be_visible()
             page.select_option("#f-accel", "cpu")
+            expect(page.locator("#custom-block")).to_be_hidden()
             page.fill("#f-target", "0.5")
             page.fill("#f-steps", "30")
             page.locator("#job-form details").evaluate("d => { d.open = true; }")
