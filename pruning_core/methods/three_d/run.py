@@ -13,6 +13,7 @@ Coordinates (all kept fractions in (0, 1]):
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,6 +113,10 @@ def run_3d(model: nn.Module, teacher: nn.Module | None, example_input_shape: lis
            config: ThreeDConfig | None = None) -> ThreeDResult:
     """Prune `model` in depth, width and resolution to keep `spec.flops_target` of its MACs."""
     cfg = config or ThreeDConfig()
+    per_point = cfg.chains.steps_per_point
+    if per_point is None:  # short fine-tuning per sample, scaled with the job's step budget
+        per_point = max(5, spec.steps // 10)
+        cfg = dataclasses.replace(cfg, chains=dataclasses.replace(cfg.chains, steps_per_point=per_point))
     if spec.flops_target is None or not 0.0 < spec.flops_target < 1.0:
         raise InvalidRequest("method 3d needs flops_target, the kept fraction of FLOPs, in (0, 1)")
     bad = set(cfg.axes) - set(AXES)
@@ -154,7 +159,7 @@ def run_3d(model: nn.Module, teacher: nn.Module | None, example_input_shape: lis
         order = chain_order + [n for n in order if n not in chain_order]
         if len(available) >= 2 and cfg.holdout_points:
             pts = _holdout_points(builder, cfg, sizes, available, spec.seed)
-            holdout = measure_points(builder, ev, pts, order, cfg.chains.steps_per_point, spec.seed, "combined",
+            holdout = measure_points(builder, ev, pts, order, per_point, spec.seed, "combined",
                                      _sub(stage_progress, 0.4, 0.5))
     if cfg.search != "poly" and "depth" in available:
         # No chain: rank the blocks once on the original model by the same criterion.

@@ -156,7 +156,7 @@ class ChainConfig:
     depth_steps: int = 4  # depth-chain steps; blocks are removed in near-equal portions (1 per step if few)
     width_levels: tuple[float, ...] = (0.75, 0.55, 0.4, 0.25)  # kept channel fraction after each width step
     resolution_levels: tuple[float, ...] = (0.8, 0.65, 0.5, 0.35)  # kept input side after each step
-    steps_per_point: int = 30  # fine-tuning steps after each chain step (short, as the paper prescribes)
+    steps_per_point: int | None = None  # fine-tuning after each chain step; None: max(5, job steps // 10)
 
 
 def _sub(progress: StageProgress | None, a: float, b: float) -> StageProgress | None:
@@ -186,6 +186,7 @@ def run_chains(builder: Builder, ev: Evaluator, cfg: ChainConfig, axes: Sequence
             if s != tuple(builder.full) and s not in res_sizes:
                 res_sizes.append(s)
         plan += [("resolution", i) for i in range(len(res_sizes))]
+    assert cfg.steps_per_point is not None, "run_3d resolves steps_per_point before sampling"
     order: list[str] = []
     current: dict[str, nn.Module] = {}
     calib = _calibration(ev.train)
