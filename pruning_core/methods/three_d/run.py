@@ -59,7 +59,7 @@ class ThreeDConfig:
     budget_floor: float = 0.85  # chosen MACs must land in [floor * budget, budget] (the paper's equality, banded)
     search: str = "poly"  # "poly": maximise the fitted F; "macs": largest real MACs under budget (no samples)
     final_steps: int | None = None  # fine-tuning of the final model; None: spec.steps
-    channel_scores: str = "magnitude"  # which channels go: "magnitude" (group L2 norm) | "smart" (learned)
+    channel_scores: str = "smart"  # which channels go: "smart" (learned SMART scores, issue 5) | "magnitude"
     smart_steps: int = 30  # "smart": soft-phase steps spent learning the scores at each width pruning
     scorer: ChannelScorer | None = None  # a custom scorer overrides channel_scores
     presampled: PreSampled | None = None  # reuse another run's samples (they do not depend on the target)
