@@ -60,6 +60,7 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
                        allow_headers=["*"], expose_headers=["Location"])
     problems.install(app)
     _install_db_down(app, settings.retry_after_s)
+    _document_problems(app)
     for r in (models.router, datasets.router, accelerators.router, jobs.router, events.router):
         app.include_router(r)
     dashboard.install(app)  # /dashboard (api/dashboard/)
@@ -104,3 +105,38 @@ def _install_db_down(app: FastAPI, retry_after_s: int) -> None:
 
     for exc_type in (OperationalError, InterfaceError, DisconnectionError):
         app.add_exception_handler(exc_type, _db_down)
+
+
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem", "type": "object", "description": "RFC 9457 problem details (api/problems.py)",
+    "required": ["type", "title", "status", "detail"], "additionalProperties": True,
+    "properties": {"type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
+                   "detail": {"type": "string"}, "instance": {"type": "string"},
+                   "errors": {"type": "array", "items": {"type": "object"}}},
+}
+
+
+def _document_problems(app: FastAPI) -> None:
+    """Make the OpenAPI document say what the API answers on errors: every 4xx/5xx (422 included, which
+    FastAPI documents as its own JSON validation body) is `application/problem+json`; a `default` response
+    covers the rest (401, 404, 409, 413, 503). Found by the schemathesis run in tests/service/test_fuzz_api.py."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = PROBLEM_SCHEMA
+        problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+        for ops in schema.get("paths", {}).values():
+            for op in ops.values():
+                responses = op.setdefault("responses", {})
+                for code, resp in responses.items():
+                    if code[:1] in ("4", "5"):
+                        resp["content"] = problem
+                responses.setdefault("default", {"description": "an error, as RFC 9457 problem+json",
+                                                 "content": problem})
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
