@@ -238,3 +238,76 @@ def test_failing_jobs_give_reasons_and_the_worker_keeps_serving(embedded: tuple[
     done = poll_job(client, good, h, timeout=240)
     assert done["status"] == "succeeded", ("the worker must keep serving after hostile jobs", done)
     assert os.path.getsize(tiny_onnx) > 0
+
+
+# --- hostile tenants and stolen paths (security) ------------------------------------------------------------
+
+def test_every_route_hides_another_tenants_objects(api: ApiHarness, tiny_onnx: Path) -> None:
+    """Walks the OpenAPI document, so a route added later is covered too: with tenant B's key, every path that
+    names one of A's objects answers 404, and every list (even filtered by A's ids) is empty."""
+    model_id = _post_model(api, "tiny.onnx", tiny_onnx.read_bytes()).json()["id"]
+    buf = io.BytesIO()
+    np.savez(buf, inputs=np.random.rand(4, 3, 16, 16).astype(np.float32))
+    dataset_id = api.client.post("/v1/datasets", headers=api.h(), files={"file": ("d.npz", buf.getvalue())}
+                                 ).json()["id"]
+    job_id = api.client.post("/v1/jobs", headers=api.h(), json={"model_id": model_id, **QUICK}).json()["id"]
+    ids = {"model_id": model_id, "dataset_id": dataset_id, "job_id": job_id, "name": "report.json"}
+    b = api.h(api.key_b)
+    checked = 0
+    for path, ops in api.client.get("/openapi.json").json()["paths"].items():
+        for method in ops:
+            if "{" in path:
+                url = path.format(**ids)
+                r = api.client.request(method.upper(), url, headers=b)
+                assert r.status_code == 404 and r.headers["content-type"] == PROBLEM, (method, url, r.text)
+                assert all(v not in r.text for v in (model_id, dataset_id, job_id) if v not in url), r.text
+                checked += 1
+            elif method == "get" and path.startswith("/v1/") and path != "/v1/accelerators":
+                for params in ({}, {"model_id": model_id}, {"status": "queued"}):
+                    r = api.client.get(path, headers=b, params=params)
+                    assert r.status_code in (200, 422), (path, params, r.text)
+                    assert not any(v in r.text for v in (model_id, dataset_id, job_id)), (path, params)
+                checked += 1
+    assert checked >= 8, "the walk must reach the id routes and the lists"
+    # Using A's dataset in B's job, or A's model: 404, never a job.
+    b_model = _post_model(api, "tiny.onnx", tiny_onnx.read_bytes())
+    r = api.client.post("/v1/jobs", headers=b, json={"model_id": b_model.json()["id"], "dataset_id": dataset_id,
+                                                      **QUICK})
+    assert r.status_code == 404, r.text
+
+
+def test_keys_are_stored_hashed(api: ApiHarness) -> None:
+    import hashlib
+
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(api.settings.resolved_database_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT prefix, key_hash FROM api_keys")).all()
+            dump = " ".join(str(v) for row in conn.execute(text("SELECT * FROM api_keys")).all() for v in row)
+    finally:
+        engine.dispose()
+    secret = api.key_a.rsplit("_", 1)[1]
+    assert secret not in dump and api.key_a not in dump, "the key must not be stored in clear"
+    assert hashlib.sha256(api.key_a.encode()).hexdigest() in {h for _, h in rows}
+    # A key differing only in its secret part is refused (the prefix alone finds the row, the hash decides).
+    forged = api.key_a[:-4] + ("AAAA" if not api.key_a.endswith("AAAA") else "BBBB")
+    assert api.client.get("/v1/models", headers=api.h(forged)).status_code == 401
+
+
+def test_artifact_paths_never_come_from_user_strings(api: ApiHarness, tiny_onnx: Path) -> None:
+    data_dir = api.settings.data_dir.resolve()
+    outside = data_dir.parent / "evil.onnx"
+    r = api.client.post("/v1/models", headers=api.h(), files={"file": ("../../evil.onnx", tiny_onnx.read_bytes())},
+                        data={"name": "../../../evil"})
+    assert r.status_code == 201, r.text
+    assert not outside.exists()
+    stored = [p for p in data_dir.rglob("*") if p.is_file() and p.suffix == ".onnx"]
+    assert stored and all(p.resolve().is_relative_to(data_dir) for p in stored)
+    assert all("evil" not in str(p) for p in stored), stored
+    # Artifact names are a fixed list: traversal in the name is a 404, not a file read.
+    job = api.client.post("/v1/jobs", headers=api.h(), json={"model_id": r.json()["id"], **QUICK}).json()
+    for name in ("..%2F..%2Fhwprune.db", "../model.onnx", "%2e%2e"):
+        got = api.client.get(f"/v1/jobs/{job['id']}/artifacts/{name}", headers=api.h())
+        assert got.status_code == 404, (name, got.status_code)
