@@ -110,8 +110,13 @@ def prune(
         return
     lat = result["latency_ms"]
     typer.echo(f"pruned model: {out}\nreport:       {report_path}")
-    typer.echo(f"sparsity {result['achieved_sparsity']:.3f} (target {spec.target_sparsity}), "
-               f"MACs {result['macs']['ratio']:.3f} of dense, latency {lat['dense']['median']:.3f} -> "
+    if spec.method == "3d":
+        plan = result["plan3d"]
+        budget = f"depth {plan['depth']:.2f}, width {plan['width']:.2f}, resolution {plan['resolution']:.2f} " \
+                 f"(FLOPs target {spec.flops_target}); new input shape {plan['input_shape']}"
+    else:
+        budget = f"sparsity {result['achieved_sparsity']:.3f} (target {result['target_sparsity']})"
+    typer.echo(f"{budget}, MACs {result['macs']['ratio']:.3f} of dense, latency {lat['dense']['median']:.3f} -> "
                f"{lat['pruned']['median']:.3f} ms (x{result['speedup']:.2f}), "
                f"fidelity cosine {result['fidelity']['cosine']:.4f}")
     typer.echo(result["explain"]["summary"])

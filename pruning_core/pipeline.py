@@ -103,7 +103,8 @@ def diff_layers(dense: nn.Module, pruned: nn.Module) -> list[dict[str, Any]]:
         kept_weights = _numel(new_shape) if new_shape is not None else 0
         groups, kept = shape[0], (new_shape[0] if new_shape is not None else 0)
         reason = ("removed with its residual block (depth)" if new is None else
-                  "channels removed (width)" if new_shape != shape else "kept as is")
+                  "output channels removed (width)" if new_shape is not None and new_shape[0] != shape[0] else
+                  "input channels removed (width of the layer feeding it)" if new_shape != shape else "kept as is")
         records.append({"name": name, "op_type": type(mod).__name__, "weight_shape": shape, "pruned_shape": new_shape,
                         "prunable": new_shape != shape, "reason": reason, "groups": groups, "kept": kept,
                         "sparsity": 1.0 - kept_weights / _numel(shape)})
