@@ -31,7 +31,7 @@ class PruneSpec:
     # magnitude-only knobs
     schedule: str = "gradual"  # "oneshot" | "gradual" (cubic, Zhu & Gupta 2017)
     allocation: str = "global"  # "global" | "uniform" (same sparsity in every layer)
-    min_keep: float = 0.05  # never keep less than this fraction of any layer's groups
+    min_keep: float = 0.01  # never keep less than this fraction of any layer's groups (no layer disappears)
     layers: dict[str, str] = field(default_factory=dict)  # layer name -> "prune" | "keep" overrides
     input_shape: list[int] | None = None  # required for TorchScript
     latency_seconds: float = 30.0  # time budget for measuring dense + pruned latency (runs stop early when stable)
@@ -74,6 +74,11 @@ class PruneSpec:
             raise InvalidRequest(f"allocation must be 'global' or 'uniform', got {self.allocation!r}")
         if not (0.0 < self.min_keep <= 1.0):
             raise InvalidRequest(f"min_keep must be in (0, 1], got {self.min_keep}")
+        if self.target_sparsity is not None and self.method != "3d" and self.target_sparsity > 1.0 - self.min_keep:
+            raise InvalidRequest(
+                f"target_sparsity {self.target_sparsity} would leave less than min_keep={self.min_keep} of every "
+                f"layer; lower min_keep (at most {1.0 - self.target_sparsity:.3g}) or the target"
+            )
         if not (0.5 <= self.latency_seconds <= 600):
             raise InvalidRequest(f"latency_seconds must be in [0.5, 600], got {self.latency_seconds}")
         bad = {k: v for k, v in self.layers.items() if v not in ("prune", "keep")}

@@ -75,3 +75,12 @@ def test_unsupported_op_survives_pickling() -> None:
     err = pickle.loads(pickle.dumps(UnsupportedOp("Frobnicate", 2, "com.acme", "no converter")))
     assert isinstance(err, UnsupportedOp)
     assert str(err) == "unsupported ONNX op com.acme::Frobnicate (opset 2): no converter"
+
+
+def test_budget_beyond_min_keep_is_refused_with_advice() -> None:
+    from pruning_core.errors import InvalidRequest
+    from pruning_core.spec import PruneSpec
+
+    PruneSpec(target_sparsity=0.97)  # the default min_keep (1%) admits the paper's highest sparsity
+    with pytest.raises(InvalidRequest, match="lower min_keep"):
+        PruneSpec(target_sparsity=0.97, min_keep=0.05)
