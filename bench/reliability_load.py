@@ -116,7 +116,7 @@ def main() -> None:
                 items: list[dict[str, object]] = []
                 cursor = None
                 while True:
-                    params: dict[str, object] = {"limit": 200, **({"cursor": cursor} if cursor else {})}
+                    params: dict[str, str | int] = {"limit": 200, **({"cursor": cursor} if cursor else {})}
                     page = client.get("/v1/jobs", headers=h, params=params).json()
                     items += page["items"]
                     cursor = page["next_cursor"]

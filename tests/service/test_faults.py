@@ -50,7 +50,7 @@ from tests.service.conftest import (
 QUICK = {"method": "magnitude", "granularity": "channel", "accelerator": "cpu", "target_sparsity": 0.5,
          "steps": 2, "batch_size": 4, "latency_seconds": 0.5}
 # Long enough in the prune stage to be killed in the middle (smart fine-tuning steps), short enough to rerun.
-LONG = {**QUICK, "method": "smart", "steps": 1500, "batch_size": 8}
+LONG = {**QUICK, "method": "smart", "steps": 800, "batch_size": 8}
 # Fault timings: a dead worker's job leaves `running` within heartbeat_stale_s + sweep_interval_s (~5 s).
 FAST_SWEEP = {"heartbeat_interval_s": "1", "heartbeat_stale_s": "4", "sweep_interval_s": "1",
               "requeue_grace_s": "2", "max_attempts": "2", "progress_interval_s": "0.2"}
