@@ -9,7 +9,10 @@ cpu profile)`, uniform allocation of the magnitude scores, `plan.finalize`) at t
 quotient = measured speedup / (dense MACs / pruned MACs); 1.0 means the runtime realised all of the saving.
 
     python bench/speedup.py [--models resnet18,resnet50,mobilenet_v2] [--threads 1] [--seconds 60]
-        [--profile-ops] [--out docs/benchmarks/speedup.md]
+        [--allocation uniform|global] [--channel-multiple 32] [--profile-ops] [--width-sweep]
+        [--json raw.json] [--out table.md]
+
+Results and their analysis: docs/benchmarks/speedup.md.
 """
 
 from __future__ import annotations
