@@ -24,7 +24,7 @@ from torch import nn
 from pruning_core.data import TrainData, load_dataset, synthetic_data
 from pruning_core.errors import HwpruneError
 from pruning_core.fidelity import fidelity
-from pruning_core.layer_stats import WEIGHT_LAYERS, effective_macs
+from pruning_core.layer_stats import WEIGHT_LAYERS, effective_macs, layer_macs
 from pruning_core.progress import Progress, StageProgress
 from pruning_core.spec import PruneSpec
 from pruning_core.train import TrainConfig, accuracy, predict
@@ -199,6 +199,9 @@ def prune_stage(spec: PruneSpec, model_path: Path, work_dir: Path, data_path: Pa
 
     x_dense, x_pruned = torch.zeros(loaded.input_shape), torch.zeros(pruned_shape)
     dense_macs, pruned_macs = count_macs(teacher_cpu, x_dense), count_macs(pruned_cpu, x_pruned)
+    per_layer = layer_macs(teacher_cpu, x_dense)  # dense MACs per layer: what a sparse engine could skip from
+    for ly in result["layers"]:
+        ly["macs"] = per_layer.get(ly["name"], 0)
     report: dict[str, Any] = {
         "model": {**loaded.info.to_dict(), "input_shape": loaded.input_shape},
         "method": spec.method,

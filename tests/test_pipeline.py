@@ -55,6 +55,9 @@ def test_block_magnitude_job_meets_the_contract(digits_model: DigitsModel, tmp_p
     assert sess.run(None, {"image": np.zeros((3, 1, 8, 8), np.float32)})[0].shape == (3, 10)
     pruned_layers = [ly for ly in report["layers"] if ly["prunable"]]
     assert pruned_layers, "some layers must be pruned"
+    assert all(ly["macs"] > 0 for ly in report["layers"]), "every layer carries its dense MACs"
+    # the block cost model works per layer: a tile-skipping engine must be estimated faster than dense
+    assert report["explain"]["details"] and report["explain"]["estimated_accelerator_speedup"] > 1.5
     for w in _weights(path).values():
         if w.ndim not in (2, 4) or w.shape[0] % 4 or (w.size // w.shape[0]) % 4:
             continue
