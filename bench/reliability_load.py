@@ -53,13 +53,14 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    """Run the experiment; returns the headline numbers (tests/service/test_load.py calls this)."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--jobs", type=int, default=200)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=3600, help="give up after this many seconds")
     ap.add_argument("--out", type=Path, default=None, help="also write the markdown here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="hwprune-load-"))
     own = OwnRedis(tmp)
@@ -191,6 +192,9 @@ def main() -> None:
     if args.out:
         args.out.write_text(text)
     assert not lost and not twice, f"lost {sorted(lost)[:5]}, twice {twice[:5]}"
+    return {"submitted": len(ids), "rows": len(final), "statuses": dict(statuses), "lost": len(lost),
+            "twice": len(twice), "attempts": dict(attempts), "per_worker": per_worker, "wall_s": wall,
+            "max_depth": max_gpu}
 
 
 if __name__ == "__main__":
