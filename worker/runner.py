@@ -154,8 +154,8 @@ def _run_guarded(ctx: TaskContext, job_id: str, tracker: RowProgress, body: Call
     except SoftTimeLimitExceeded:
         _end(ctx, job_id, "failed", f"the job exceeded its time limit of {limit_s} s; lower steps or use a "
                                     "smaller model")
-    except HwpruneError as e:
-        _end(ctx, job_id, "failed", str(e))
+    except HwpruneError as e:  # a pipeline step may wrap an allocation failure (e.g. ORT "Cannot allocate memory")
+        _end(ctx, job_id, "failed", OUT_OF_MEMORY if out_of_memory(e) else str(e))
     except Exception as e:
         if out_of_memory(e):
             log.warning("job %s ran out of memory: %s", job_id, e)
