@@ -291,6 +291,8 @@ def test_redis_restart_with_jobs_queued_loses_none(stack: Stack) -> None:
         deadline = time.monotonic() + 20
         while stack.redis.client().llen("gpu") < 3 and time.monotonic() < deadline:
             time.sleep(0.2)
+        assert stack.redis.client().llen("gpu") == 3, "the sweeper re-sent each lost job"
+        time.sleep(4)  # two more grace periods: messages now in the broker must not be sent again
         assert stack.redis.client().llen("gpu") == 3, "the sweeper re-sent each lost job exactly once"
         worker = stack.worker("restart")
         try:
