@@ -20,6 +20,7 @@ from db.models import Job
 from db.session import make_engine, make_session_factory, transaction
 from hwprune.settings import Settings
 from worker.runner import TaskContext, run_measure, run_prune
+from worker.webhooks import notify_terminal
 
 log = logging.getLogger("hwprune.worker")
 _STOP = ("stop", "")
@@ -60,6 +61,8 @@ class EmbeddedWorker:
             orphans = s.scalars(select(Job.id).where(Job.status == "running")).all()
             for job_id in orphans:
                 rows.finish(s, job_id, "failed", error="the server stopped while this job ran; submit it again")
+        for job_id in orphans:  # terminal now: tell their owners' webhooks
+            notify_terminal(self.ctx.factory, self.ctx.settings, job_id)
         for job_id in queued:
             self.submit(job_id)
         if queued or orphans:

@@ -28,7 +28,7 @@ from hwprune.settings import Settings
 from pruning_core.errors import Cancelled, HwpruneError
 from pruning_core.progress import Progress
 from worker.sweeper import Heartbeat
-from worker.webhooks import notify_terminal
+from worker.webhooks import notify_if_undelivered, notify_terminal
 
 log = logging.getLogger("hwprune.worker")
 # Overall progress: pruning (gpu queue) is most of the work, latency measurement (cpu queue) the rest.
@@ -169,11 +169,13 @@ def _run_guarded(ctx: TaskContext, job_id: str, tracker: RowProgress, body: Call
 def run_prune(ctx: TaskContext, job_id: str) -> None:
     with transaction(ctx.factory) as s:
         job = rows.claim_prune(s, job_id, ctx.worker_name, worker_gone, ctx.settings.max_attempts)
-        if job is None:
-            log.info("job %s: not queued any more (redelivered, cancelled or gone); skipping", job_id)
-            return
-        tenant_id, model_id, dataset_id, spec_d = job.tenant_id, job.model_id, job.dataset_id, dict(job.spec)
-        fmt = _model_format(s, model_id)
+        if job is not None:
+            tenant_id, model_id, dataset_id, spec_d = job.tenant_id, job.model_id, job.dataset_id, dict(job.spec)
+            fmt = _model_format(s, model_id)
+    if job is None:  # committed: the claim itself may have ended it (cancelled before start, out of attempts)
+        log.info("job %s: not queued any more (redelivered, cancelled or gone); skipping", job_id)
+        notify_if_undelivered(ctx.factory, ctx.settings, job_id)
+        return
     started = time.monotonic()
     tracker = RowProgress(ctx, job_id, started, PRUNE_SPAN)
     work_dir = ctx.store.job_dir(tenant_id, job_id)
@@ -233,11 +235,13 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
 def run_measure(ctx: TaskContext, job_id: str) -> None:
     with transaction(ctx.factory) as s:
         job = rows.claim_measure(s, job_id, ctx.worker_name, worker_gone, ctx.settings.max_attempts)
-        if job is None:
-            log.info("job %s: not waiting for measurement (redelivered or cancelled); skipping", job_id)
-            return
-        tenant_id = job.tenant_id
-        cancel_first = job.cancel_requested
+        if job is not None:
+            tenant_id = job.tenant_id
+            cancel_first = job.cancel_requested
+    if job is None:  # committed: the claim itself may have ended it (out of attempts)
+        log.info("job %s: not waiting for measurement (redelivered or cancelled); skipping", job_id)
+        notify_if_undelivered(ctx.factory, ctx.settings, job_id)
+        return
     if cancel_first:
         _end(ctx, job_id, "cancelled", "cancelled by its owner")
         return

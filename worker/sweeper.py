@@ -38,6 +38,7 @@ from db.jobs import MEASURE_QUEUE, MEASURE_TASK, PRUNE_QUEUE, PRUNE_TASK
 from db.models import Job, utcnow
 from db.session import transaction
 from hwprune.settings import Settings
+from worker.webhooks import notify_terminal
 
 log = logging.getLogger("hwprune.sweeper")
 Send = Callable[[str, str, str], None]  # (task name, queue, job id)
@@ -137,6 +138,8 @@ class Sweeper:
         self._resend_missing(waiting, out)
         for job_id, phase, attempts, worker in silent:
             self._recover(job_id, phase, attempts, worker, out)
+        for job_id in out.failed:  # terminal now: the owner's webhook must hear about it like any other failure
+            notify_terminal(self.factory, self.settings, job_id)
         self.sweeps += 1
         if out.resent or out.requeued or out.failed:
             log.warning("sweep: resent %d missing, re-queued %d stale, failed %d stale", len(out.resent),

@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.ids import new_id
@@ -174,3 +175,21 @@ def notify_terminal(factory: sessionmaker[Session], settings: Settings, job_id: 
     except Exception:
         log.exception("could not start webhook delivery for job %s", job_id)
         return None
+
+
+def notify_if_undelivered(factory: sessionmaker[Session], settings: Settings, job_id: str) -> threading.Thread | None:
+    """For paths that may or may not have just ended a job (a claim that found it cancelled or out of attempts):
+    deliver only when the job is terminal and no delivery was attempted yet, so a redelivered message for a
+    long-finished job does not notify twice."""
+    try:
+        with factory() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.status not in TERMINAL_STATUSES or not job.callback_url:
+                return None
+            seen = s.scalar(select(func.count()).select_from(WebhookDelivery).where(WebhookDelivery.job_id == job_id))
+            if seen:
+                return None
+    except Exception:
+        log.exception("webhook check for job %s failed", job_id)
+        return None
+    return notify_terminal(factory, settings, job_id)

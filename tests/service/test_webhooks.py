@@ -242,3 +242,30 @@ def test_cancelling_a_queued_job_notifies(api: ApiHarness, tiny_onnx: Path, rece
     payload = json.loads(hit.body)
     assert payload["event"] == "job.cancelled" and payload["job"]["id"] == job["id"]
     assert payload["job"]["error"] == "cancelled before it started" and payload["job"]["artifacts"] is None
+
+
+@pytest.mark.services
+def test_claim_that_cancels_notifies_once_even_when_redelivered(pg_url: str, receiver_factory: Any,
+                                                                tmp_path: Path) -> None:
+    """A cancel that lands between enqueue and pick-up is finished by the worker's claim, not by the API:
+    the worker delivers it, and a redelivered message for the same job does not deliver again."""
+    from db.artifacts import ArtifactStore
+    from hwprune.settings import Settings
+    from worker.runner import TaskContext, run_prune
+
+    rec = receiver_factory([200, 200])
+    factory, job_id = _terminal_job(pg_url, rec.url, SECRET)
+    with transaction(factory) as s:  # back to "queued with a cancel request", as a racing cancel leaves it
+        job = s.get(Job, job_id)
+        assert job is not None
+        job.status, job.finished_at, job.cancel_requested = "queued", None, True
+    ctx = TaskContext(factory, ArtifactStore(tmp_path), Settings(data_dir=tmp_path, database_url=pg_url),
+                      enqueue_measure=lambda _: None)
+    run_prune(ctx, job_id)
+    assert rec.got.wait(30), "the claim cancelled the job but no webhook came"
+    run_prune(ctx, job_id)  # a redelivered message: the job is long terminal
+    time.sleep(1.0)  # give a wrongly started second delivery time to arrive
+    assert len(rec.hits) == 1 and json.loads(rec.hits[0].body)["event"] == "job.cancelled"
+    with factory() as s:
+        assert s.get(Job, job_id).status == "cancelled"  # type: ignore[union-attr]
+        assert len(s.scalars(select(WebhookDelivery).where(WebhookDelivery.job_id == job_id)).all()) == 1
