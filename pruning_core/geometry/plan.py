@@ -226,6 +226,7 @@ def build_plan(model: nn.Module, example_input: Tensor | tuple[Tensor, ...], gra
             records.append(LayerRecord(name, op_type(m), tuple(raw_tensor(m, "weight").shape), prunable, reason))
     else:
         units, records = _channel_units(model, example_input, profile, all_layers, outputs, overrides)
+    _check_something_to_prune(granularity, profile, units, records)
     plan = PruningPlan(model, example_input, granularity, profile, units, records, all_layers)
     normed = [u.name for u in units if isinstance(u, ChannelUnit) and u.normalised_by]
     if normed:
@@ -233,6 +234,20 @@ def build_plan(model: nn.Module, example_input: Tensor | tuple[Tensor, ...], gra
                           "while masked, zeroed channels still count in the norm's statistics, so removing them "
                           "at finalize changes the output slightly (BatchNorm groups match exactly)")
     return plan
+
+
+def _check_something_to_prune(granularity: str, profile: AcceleratorProfile, units: list[PruningUnit],
+                              records: list[LayerRecord]) -> None:
+    """A job that cannot remove anything would "succeed" with the dense model: refuse it and say why."""
+    if not units:
+        reasons = sorted({r.reason for r in records}) or ["the model has no Conv/Linear weight layers"]
+        raise InvalidRequest(f"no layer can be pruned at granularity {granularity!r} on profile {profile.name!r}: "
+                             + "; ".join(reasons[:4]))
+    if granularity == "block" and all(u.num_groups == 1 for u in units):
+        r, c = profile.block_shape or (0, 0)
+        largest = max((rec.weight_shape for rec in records if rec.prunable), key=lambda s: s[0], default=())
+        raise InvalidRequest(f"block {r}x{c} is as large as every prunable weight (largest {list(largest)}, viewed "
+                             "as out x in*kh*kw): each layer would be one all-or-nothing tile; use a smaller block")
 
 
 def _channel_units(model: nn.Module, example_input: Tensor | tuple[Tensor, ...], profile: AcceleratorProfile,
