@@ -12,7 +12,9 @@ import asyncio
 import atexit
 import logging
 import multiprocessing
+import os
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -56,12 +58,25 @@ def _dataset_info(path: str) -> dict[str, Any]:
         return {"rejected": f"not a readable .npz with an 'inputs' array: {type(e).__name__}: {e}"}
 
 
+def _exit_with_parent(parent_pid: int) -> None:
+    """Runs in each inspection process: exit when the API process is gone. A hard-killed API (SIGKILL, OOM
+    killer) never shuts its pool down, and the idle workers would otherwise live on, ~750 MB each."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _get_pool() -> ProcessPoolExecutor:
     global _pool
     with _lock:
         if _pool is None:
             _pool = ProcessPoolExecutor(max_workers=WORKERS, mp_context=multiprocessing.get_context("spawn"),
-                                        max_tasks_per_child=TASKS_PER_CHILD)
+                                        max_tasks_per_child=TASKS_PER_CHILD, initializer=_exit_with_parent,
+                                        initargs=(os.getpid(),))
         return _pool
 
 
