@@ -303,6 +303,13 @@ def main() -> None:
                         *upload_peak(stack, garbage)),
                        (f"{args.upload_mb} MB ONNX model (streamed + inspect_model)",
                         *upload_peak(stack, big_onnx(tmp / "big.onnx", args.upload_mb)))]
+        except BaseException:
+            for name in ("api.log", "worker.log"):  # the temporary folder goes away: show why it failed
+                log_path = tmp / name
+                if log_path.exists():
+                    print(f"--- last lines of {name} ---", file=sys.stderr)
+                    print("\n".join(log_path.read_text(errors="replace").splitlines()[-40:]), file=sys.stderr)
+            raise
         finally:
             stack.close()
 
