@@ -42,7 +42,7 @@ from pruning_core.accelerators import BUILTIN_PROFILES, resolve_profile
 from pruning_core.export import export_onnx
 from pruning_core.geometry import build_plan
 from pruning_core.ingest import load_model
-from pruning_core.latency import measure_many, measure_pair
+from pruning_core.latency import measure_many, measure_pair, session_options
 from pruning_core.macs import count_macs
 
 SHAPE = [1, 3, 224, 224]
@@ -86,12 +86,7 @@ def prune_to_half_macs(module: nn.Module, x: torch.Tensor, allocation: str) -> t
 def node_profiles(paths: list[Path], threads: int, runs: int = 40, warmup: int = 5) -> list[dict[str, dict[str, Any]]]:
     """Per ORT node (after graph optimisation) of each model: op type, ms per run, MACs (from the profiled
     shapes). Runs of the models alternate, like `measure_pair`, so load changes hit all of them equally."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
+    so = session_options(threads)  # the same settings as every latency measurement
     so.enable_profiling = True
     feed = torch.randn(*SHAPE).numpy()
     with tempfile.TemporaryDirectory() as tmp:

@@ -73,13 +73,19 @@ def pick_provider(provider: str | None = None) -> str:
     return next(p for p in PREFERRED_PROVIDERS if p in available)
 
 
-def make_session(onnx_path: Path, threads: int, provider: str) -> ort.InferenceSession:
+def session_options(threads: int) -> ort.SessionOptions:
+    """The settings every latency number is measured with: fixed intra-op threads, sequential, all optimisations."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    return so
+
+
+def make_session(onnx_path: Path, threads: int, provider: str) -> ort.InferenceSession:
+    so = session_options(threads)
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     try:
         return ort.InferenceSession(str(onnx_path), so, providers=providers)

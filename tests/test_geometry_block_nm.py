@@ -13,15 +13,6 @@ from pruning_core.errors import InvalidRequest
 from pruning_core.geometry import BlockUnit, NMUnit, build_plan
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Tiny models: one intra-op thread is far faster than two contending on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class OddNet(nn.Module):
     """Shapes chosen so no dimension divides the 4x4 tile: every layer has ragged edge tiles."""
 

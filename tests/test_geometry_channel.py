@@ -22,15 +22,6 @@ from pruning_core.ingest import load_model
 CPU = BUILTIN_PROFILES["cpu"]  # channel_multiple 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Tiny models: one intra-op thread is far faster than two contending on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Coupled(nn.Module):
     """Residual add, depthwise conv, concat and a grouped conv: every coupling Torch-Pruning must get right."""
 

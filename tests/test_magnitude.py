@@ -21,15 +21,6 @@ BLOCK14 = AcceleratorProfile(name="t14", block_shape=(1, 4))
 CHAN8 = AcceleratorProfile(name="c8", channel_multiple=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # type: ignore[no-untyped-def]
-    """Tiny models: one intra-op thread is far faster than two contending on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def bn_cnn() -> nn.Module:
     """Conv-BN-ReLU x3 + pool + Linear: the digits benchmark's shape (BN makes filter norms scale-free)."""
     return nn.Sequential(
