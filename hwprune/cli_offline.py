@@ -117,7 +117,7 @@ def prune(
     else:
         budget = f"sparsity {result['achieved_sparsity']:.3f} (target {result['target_sparsity']})"
     typer.echo(f"{budget}, MACs {result['macs']['ratio']:.3f} of dense, latency {lat['dense']['median']:.3f} -> "
-               f"{lat['pruned']['median']:.3f} ms (x{result['speedup']:.2f}), "
+               f"{lat['pruned']['median']:.3f} ms (speedup x{result['speedup']:.2f}), "
                f"fidelity cosine {result['fidelity']['cosine']:.4f}")
     typer.echo(result["explain"]["summary"])
 

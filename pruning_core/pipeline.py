@@ -72,9 +72,10 @@ def _prune(spec: PruneSpec, model: nn.Module, teacher: nn.Module, input_shape: l
         res3 = run_3d(model, teacher, input_shape, spec, train, stage)
         return {"module": res3.module, "input_shape": list(res3.input_shape),
                 "layers": diff_layers(teacher, res3.module), "plan3d": res3.plan3d}
-    from pruning_core.geometry import build_plan
+    from pruning_core.geometry import build_plan, require_prunable
 
     plan = build_plan(model, example, spec.resolved_granularity, spec.profile, spec.layers)
+    require_prunable(plan)
     extra: dict[str, Any] = {}
     if spec.method == "smart":
         from pruning_core.methods.smart import run_smart

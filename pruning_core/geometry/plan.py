@@ -226,7 +226,6 @@ def build_plan(model: nn.Module, example_input: Tensor | tuple[Tensor, ...], gra
             records.append(LayerRecord(name, op_type(m), tuple(raw_tensor(m, "weight").shape), prunable, reason))
     else:
         units, records = _channel_units(model, example_input, profile, all_layers, outputs, overrides)
-    _check_something_to_prune(granularity, profile, units, records)
     plan = PruningPlan(model, example_input, granularity, profile, units, records, all_layers)
     normed = [u.name for u in units if isinstance(u, ChannelUnit) and u.normalised_by]
     if normed:
@@ -236,9 +235,11 @@ def build_plan(model: nn.Module, example_input: Tensor | tuple[Tensor, ...], gra
     return plan
 
 
-def _check_something_to_prune(granularity: str, profile: AcceleratorProfile, units: list[PruningUnit],
-                              records: list[LayerRecord]) -> None:
-    """A job that cannot remove anything would "succeed" with the dense model: refuse it and say why."""
+def require_prunable(plan: PruningPlan) -> None:
+    """For a pruning job: a plan that cannot remove anything would "succeed" with the dense model, so refuse
+    it and say why. (Callers such as 3D's width axis may legitimately build empty plans, so `build_plan`
+    itself does not refuse.)"""
+    granularity, profile, units, records = plan.granularity, plan.profile, plan.units, plan.layers
     if not units:
         reasons = sorted({r.reason for r in records}) or ["the model has no Conv/Linear weight layers"]
         raise InvalidRequest(f"no layer can be pruned at granularity {granularity!r} on profile {profile.name!r}: "
