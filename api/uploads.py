@@ -11,9 +11,14 @@ import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 from python_multipart.multipart import MultipartParser, parse_options_header
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.artifacts import ArtifactStore
+
+R = TypeVar("R")
 
 MAX_FIELD_BYTES = 64 * 1024  # non-file form fields (name, input_shape) are short
 MAX_FIELDS = 16
@@ -138,3 +143,12 @@ async def receive_upload(
         raise UploadRejected(422, f"missing the {file_field!r} file part")
     rx.out.sha256 = rx._hash.hexdigest()
     return rx.out
+
+
+def commit_upload_row(factory: sessionmaker[Session], store: ArtifactStore, tmp: Path, dest: Path, row: R) -> R:
+    """Move a validated upload to its id-derived home, then insert its row (file first: a row never points
+    at a missing file)."""
+    store.commit_upload(tmp, dest)
+    with factory() as session, session.begin():
+        session.add(row)
+    return row

@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from fastapi import APIRouter, Request, Response
-from sqlalchemy.orm import Session, sessionmaker
 
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.inspection import inspect_dataset_file
 from api.routes.common import MULTIPART_BODY, CursorQ, LimitQ, check_cursor, in_thread, not_found, too_large_early
 from api.schemas import DatasetOut, Page
-from api.uploads import receive_upload
-from db.artifacts import ArtifactStore
+from api.uploads import commit_upload_row, receive_upload
 from db.ids import new_id
 from db.models import DatasetRecord
 from db.repositories import get_owned, page
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
-
-def _store(factory: sessionmaker[Session], store: ArtifactStore, tmp: Path, row: DatasetRecord) -> DatasetRecord:
-    store.commit_upload(tmp, store.dataset_path(row.tenant_id, row.id))
-    with factory() as session, session.begin():
-        session.add(row)
-    return row
 
 
 @router.post("", status_code=201, response_model=DatasetOut, openapi_extra=MULTIPART_BODY,
@@ -43,7 +33,8 @@ async def upload_dataset(request: Request, response: Response, session: SessionD
             samples=int(info["samples"]), has_labels=bool(info["has_labels"]),
             input_shape=list(info["input_shape"]), sha256=up.sha256, size_bytes=up.size,
         )
-        row = await in_thread(_store, request.app.state.session_factory, store, tmp, row)
+        row = await in_thread(commit_upload_row, request.app.state.session_factory, store, tmp,
+                              store.dataset_path(row.tenant_id, row.id), row)
     finally:
         tmp.unlink(missing_ok=True)
     response.headers["Location"] = f"/v1/datasets/{row.id}"

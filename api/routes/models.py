@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from fastapi import APIRouter, Request, Response
-from sqlalchemy.orm import Session, sessionmaker
 
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.inspection import inspect_model_file
 from api.problems import Problem
 from api.routes.common import MULTIPART_BODY, CursorQ, LimitQ, check_cursor, in_thread, not_found, too_large_early
 from api.schemas import ModelOut, Page
-from api.uploads import receive_upload
-from db.artifacts import ArtifactStore
+from api.uploads import commit_upload_row, receive_upload
 from db.ids import new_id
 from db.models import ModelRecord
 from db.repositories import get_owned, page
@@ -23,12 +20,6 @@ from pruning_core.spec import parse_input_shape
 router = APIRouter(prefix="/v1/models", tags=["models"])
 log = logging.getLogger("hwprune.api")
 
-
-def _store(factory: sessionmaker[Session], store: ArtifactStore, tmp: Path, row: ModelRecord) -> ModelRecord:
-    store.commit_upload(tmp, store.model_path(row.tenant_id, row.id, row.format))
-    with factory() as session, session.begin():
-        session.add(row)
-    return row
 
 
 @router.post("", status_code=201, response_model=ModelOut, openapi_extra=MULTIPART_BODY,
@@ -52,7 +43,8 @@ async def upload_model(request: Request, response: Response, session: SessionDep
             inputs=info.get("inputs", []), outputs=info.get("outputs", []), params=int(info.get("params", 0)),
             macs=int(info.get("macs", 0)), input_shape=input_shape, sha256=up.sha256, size_bytes=up.size,
         )
-        row = await in_thread(_store, request.app.state.session_factory, store, tmp, row)
+        row = await in_thread(commit_upload_row, request.app.state.session_factory, store, tmp,
+                              store.model_path(row.tenant_id, row.id, row.format), row)
     finally:
         tmp.unlink(missing_ok=True)
     response.headers["Location"] = f"/v1/models/{row.id}"
