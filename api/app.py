@@ -23,7 +23,7 @@ from api.routes import accelerators, datasets, events, jobs, models
 from db.artifacts import ArtifactStore
 from db.session import make_engine, make_session_factory
 from hwprune.settings import Settings
-from worker.sweeper import Sweeper
+from lifecycle.sweeper import Sweeper
 
 log = logging.getLogger("hwprune.api")
 
@@ -78,7 +78,7 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
 
 def _sweeper(settings: Settings, dispatcher: Dispatcher, app: FastAPI) -> Sweeper | None:
     """With a broker, this process re-sends lost messages and recovers jobs of vanished workers
-    (worker/sweeper.py); the embedded worker recovers on start instead."""
+    (lifecycle/sweeper.py); the embedded worker recovers on start instead."""
     if settings.embedded or settings.sweep_interval_s <= 0:
         return None
     celery = dispatcher.app if isinstance(dispatcher, CeleryDispatcher) else \

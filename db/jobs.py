@@ -118,7 +118,7 @@ def record_progress(session: Session, job_id: str, stage: str, progress: float, 
 
 
 def beat(session: Session, job_id: str, worker: str) -> bool:
-    """The running worker says it is alive (worker/runner.py Heartbeat); worker/sweeper.py re-queues or fails
+    """The running worker says it is alive (worker/runner.py Heartbeat); lifecycle/sweeper.py re-queues or fails
     running jobs whose heartbeat is stale. False when the job is no longer this worker's."""
     return _guarded_update(session, job_id, {"status": "running", "worker": worker}, {"heartbeat_at": utcnow()})
 

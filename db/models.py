@@ -142,7 +142,7 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
-    # worker/sweeper.py: a running job whose heartbeat is stale lost its worker (written by worker/runner.py).
+    # lifecycle/sweeper.py: a running job whose heartbeat is stale lost its worker (written by worker/runner.py).
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # Idempotency-Key of the submission and the sha256 of its body: a retry returns the same job.
     idempotency_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
@@ -150,7 +150,7 @@ class Job(Base):
 
 
 class WebhookDelivery(Base):
-    """One row per delivery attempt (worker/webhooks.py), so a user can see why a callback did not arrive."""
+    """One row per delivery attempt (lifecycle/webhooks.py), so a user can see why a callback did not arrive."""
 
     __tablename__ = "webhook_deliveries"
     id: Mapped[str] = _id()

@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     cancel_poll_interval_s: float = Field(default=0.5, ge=0.0)  # how often a running job re-reads its flag
     sse_poll_interval_s: float = Field(default=0.25, gt=0.0)  # how often the SSE stream re-reads the row
     cors_origins: list[str] = Field(default_factory=lambda: ["*"])
-    # Webhooks (worker/webhooks.py): HMAC key for jobs submitted without their own `callback_secret`.
+    # Webhooks (lifecycle/webhooks.py): HMAC key for jobs submitted without their own `callback_secret`.
     webhook_secret: str | None = None
     webhook_timeout_s: float = Field(default=10.0, gt=0.0)  # per attempt (connect + response)
     webhook_max_attempts: int = Field(default=5, ge=1)  # first try + retries
@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     metrics_enabled: bool = True  # expose Prometheus `/metrics` (no auth: restrict it at the proxy)
     page_limit_max: int = 200
     embedded_workers: int = Field(default=1, ge=1)  # worker threads `serve` starts without a broker
-    # Reliability (worker/sweeper.py): a running job's worker writes `heartbeat_at` every heartbeat_interval_s;
+    # Reliability (lifecycle/sweeper.py): a running job's worker writes `heartbeat_at` every heartbeat_interval_s;
     # with a broker, `serve` sweeps every sweep_interval_s (0 = off): queued jobs missing from the broker for
     # requeue_grace_s are sent again, running jobs silent for heartbeat_stale_s are re-queued (up to
     # max_attempts runs in all) or failed.

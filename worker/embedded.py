@@ -19,8 +19,8 @@ from db.artifacts import ArtifactStore
 from db.models import Job
 from db.session import make_engine, make_session_factory, transaction
 from hwprune.settings import Settings
+from lifecycle.webhooks import notify_terminal
 from worker.runner import TaskContext, run_measure, run_prune
-from worker.webhooks import notify_terminal
 
 log = logging.getLogger("hwprune.worker")
 _STOP = ("stop", "")

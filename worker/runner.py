@@ -25,10 +25,10 @@ from db import jobs as rows
 from db.artifacts import ArtifactStore
 from db.session import transaction
 from hwprune.settings import Settings
+from lifecycle.sweeper import Heartbeat
+from lifecycle.webhooks import notify_if_undelivered, notify_terminal
 from pruning_core.errors import Cancelled, HwpruneError
 from pruning_core.progress import Progress
-from worker.sweeper import Heartbeat
-from worker.webhooks import notify_if_undelivered, notify_terminal
 
 log = logging.getLogger("hwprune.worker")
 # Overall progress: pruning (gpu queue) is most of the work, latency measurement (cpu queue) the rest.
@@ -143,7 +143,7 @@ def _run_guarded(ctx: TaskContext, job_id: str, tracker: RowProgress, body: Call
     """Run `body`; on any failure end the job with a reason. True when body completed."""
     try:
         with Heartbeat(ctx.factory, job_id, ctx.worker_name, ctx.settings.heartbeat_interval_s):
-            body()  # the heartbeat tells worker/sweeper.py this job's worker is alive
+            body()  # the heartbeat tells lifecycle/sweeper.py this job's worker is alive
         return True
     except Cancelled:
         if tracker.timed_out:

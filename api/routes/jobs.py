@@ -22,8 +22,8 @@ from db.ids import new_id
 from db.jobs import TransitionRefused, request_cancel
 from db.models import TERMINAL_STATUSES, DatasetRecord, Job, ModelRecord, utcnow
 from db.repositories import get_owned, page
+from lifecycle.webhooks import notify_terminal
 from pruning_core.spec import PruneSpec
-from worker.webhooks import notify_terminal
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 log = logging.getLogger("hwprune.api")

@@ -20,8 +20,7 @@ from sqlalchemy import select
 from db.ids import new_id
 from db.models import Job, ModelRecord, Tenant, WebhookDelivery, utcnow
 from db.session import make_engine, make_session_factory, transaction
-from tests.service.conftest import ApiHarness, Proc, free_port, service_env, wait_http
-from worker.webhooks import (
+from lifecycle.webhooks import (
     DELIVERY_HEADER,
     EVENT_HEADER,
     SIGNATURE_HEADER,
@@ -31,6 +30,7 @@ from worker.webhooks import (
     sign,
     verify,
 )
+from tests.service.conftest import ApiHarness, Proc, free_port, service_env, wait_http
 
 SECRET = "per-job-secret-0123456789"
 

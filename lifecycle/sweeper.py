@@ -38,7 +38,7 @@ from db.jobs import MEASURE_QUEUE, MEASURE_TASK, PRUNE_QUEUE, PRUNE_TASK
 from db.models import Job, utcnow
 from db.session import transaction
 from hwprune.settings import Settings
-from worker.webhooks import notify_terminal
+from lifecycle.webhooks import notify_terminal
 
 log = logging.getLogger("hwprune.sweeper")
 Send = Callable[[str, str, str], None]  # (task name, queue, job id)
