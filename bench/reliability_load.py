@@ -39,10 +39,10 @@ from tests.service.conftest import (
     service_env,
     wait_http,
 )
+from tests.service.jobspecs import QUICK
 from tests.service.test_faults import OwnRedis
 
-JOB = {"method": "magnitude", "granularity": "channel", "accelerator": "cpu", "target_sparsity": 0.5,
-       "steps": 1, "batch_size": 4, "latency_seconds": 0.5}
+JOB = {**QUICK, "steps": 1}  # one fine-tuning step: the experiment is about the queue, not the pruning
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 

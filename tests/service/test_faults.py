@@ -45,10 +45,8 @@ from tests.service.conftest import (
     service_env,
     wait_http,
 )
+from tests.service.jobspecs import QUICK
 
-# A few seconds of real work: prune + fine-tune + export + latency measurement of the tiny conv net.
-QUICK = {"method": "magnitude", "granularity": "channel", "accelerator": "cpu", "target_sparsity": 0.5,
-         "steps": 2, "batch_size": 4, "latency_seconds": 0.5}
 # Long enough in the prune stage to be killed in the middle (smart fine-tuning steps), short enough to rerun.
 LONG = {**QUICK, "method": "smart", "steps": 800, "batch_size": 8}
 # Fault timings: a dead worker's job leaves `running` within heartbeat_stale_s + sweep_interval_s (~5 s).

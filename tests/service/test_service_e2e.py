@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,27 +97,37 @@ def _run_and_check(client: httpx.Client, headers: dict[str, str], tiny_onnx: Pat
     return job
 
 
+StartStack = Callable[..., tuple[str, dict[str, str]]]
+
+
 @pytest.fixture()
-def celery_stack(pg_url: str, redis_url: str, tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
-    env = service_env(database_url=pg_url, broker_url=redis_url, data_dir=str(tmp_path / "data"),
-                      progress_interval_s="0.2")
-    port = free_port()
-    worker = Proc(["worker", "--queues", "gpu,cpu"], env, tmp_path / "worker.log", tmp_path)
-    api = Proc(["serve", "--port", str(port)], env, tmp_path / "api.log", tmp_path)
-    try:
+def celery_stack(pg_url: str, redis_url: str, tmp_path: Path) -> Iterator[StartStack]:
+    """`start(**settings)` runs `hwprune worker` + `hwprune serve` (API only) on the session's PostgreSQL and
+    Redis with extra HWPRUNE_* settings, waits until both are ready and returns (API URL, env); teardown stops
+    whatever was started."""
+    procs: list[Proc] = []
+
+    def start(**settings: str) -> tuple[str, dict[str, str]]:
+        env = service_env(database_url=pg_url, broker_url=redis_url, data_dir=str(tmp_path / "data"), **settings)
+        port = free_port()
+        worker = Proc(["worker", "--queues", "gpu,cpu"], env, tmp_path / "worker.log", tmp_path)
+        procs.append(worker)
+        procs.append(Proc(["serve", "--port", str(port)], env, tmp_path / "api.log", tmp_path))
         worker.wait_for(r"ready\.", timeout=120)
         wait_http(f"http://127.0.0.1:{port}/healthz")
-        yield f"http://127.0.0.1:{port}", env
+        return f"http://127.0.0.1:{port}", env
+
+    try:
+        yield start
     finally:
-        api.stop()
-        worker.stop()
+        for p in reversed(procs):  # API first, then the worker
+            p.stop()
 
 
 @pytest.mark.services
 @pytest.mark.slow
-def test_celery_worker_end_to_end(celery_stack: tuple[str, dict[str, str]], tiny_onnx: Path,
-                                  tmp_path: Path) -> None:
-    url, env = celery_stack
+def test_celery_worker_end_to_end(celery_stack: StartStack, tiny_onnx: Path, tmp_path: Path) -> None:
+    url, env = celery_stack(progress_interval_s="0.2")
     key = _create_key(env, tmp_path, "e2e-a")
     other = _create_key(env, tmp_path, "e2e-b")
     h = {"Authorization": f"Bearer {key}"}
@@ -186,23 +196,13 @@ def test_embedded_default_end_to_end(tiny_onnx: Path, tmp_path: Path) -> None:
 
 @pytest.mark.services
 @pytest.mark.slow
-def test_celery_time_limit_fails_the_job_with_a_reason(pg_url: str, redis_url: str, tiny_onnx: Path,
+def test_celery_time_limit_fails_the_job_with_a_reason(celery_stack: StartStack, tiny_onnx: Path,
                                                         tmp_path: Path) -> None:
-    env = service_env(database_url=pg_url, broker_url=redis_url, data_dir=str(tmp_path / "data"),
-                      job_soft_time_limit_s="3", job_hard_time_limit_s="8")
-    port = free_port()
-    worker = Proc(["worker", "--queues", "gpu,cpu"], env, tmp_path / "worker.log", tmp_path)
-    api = Proc(["serve", "--port", str(port)], env, tmp_path / "api.log", tmp_path)
-    try:
-        worker.wait_for(r"ready\.", timeout=120)
-        wait_http(f"http://127.0.0.1:{port}/healthz")
-        h = {"Authorization": f"Bearer {_create_key(env, tmp_path, 'limits')}"}
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            with open(tiny_onnx, "rb") as fh:
-                model = client.post("/v1/models", headers=h, files={"file": ("t.onnx", fh)}).json()
-            job = client.post("/v1/jobs", headers=h, json={"model_id": model["id"], **JOB, "steps": 100_000}).json()
-            done = poll_job(client, job["id"], h, timeout=120)
-        assert done["status"] == "failed" and "time limit" in (done["error"] or ""), done
-    finally:
-        api.stop()
-        worker.stop()
+    url, env = celery_stack(job_soft_time_limit_s="3", job_hard_time_limit_s="8")
+    h = {"Authorization": f"Bearer {_create_key(env, tmp_path, 'limits')}"}
+    with httpx.Client(base_url=url, timeout=60) as client:
+        with open(tiny_onnx, "rb") as fh:
+            model = client.post("/v1/models", headers=h, files={"file": ("t.onnx", fh)}).json()
+        job = client.post("/v1/jobs", headers=h, json={"model_id": model["id"], **JOB, "steps": 100_000}).json()
+        done = poll_job(client, job["id"], h, timeout=120)
+    assert done["status"] == "failed" and "time limit" in (done["error"] or ""), done
