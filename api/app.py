@@ -16,9 +16,12 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
 
 from api import dashboard, metrics, problems
+from api.auth import Authenticator
 from api.dispatch import CeleryDispatcher, Dispatcher
+from api.reads import ReadPool
 from api.routes import accelerators, datasets, events, jobs, models
 from db.artifacts import ArtifactStore
 from db.session import make_engine, make_session_factory
@@ -28,18 +31,22 @@ from lifecycle.sweeper import Sweeper
 log = logging.getLogger("hwprune.api")
 
 
-def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> FastAPI:
+def create_app(settings: Settings, dispatcher: Dispatcher | None = None, sweep: bool = True) -> FastAPI:
+    """`sweep=False`: this process runs no sweeper (a worker process of a multi-process `serve`, whose
+    supervising process runs the one sweeper)."""
     if dispatcher is None:
         assert settings.broker_url, "without a broker the caller must pass the embedded worker as dispatcher"
         dispatcher = CeleryDispatcher(settings.broker_url, settings.visibility_timeout_s)
-    engine = make_engine(settings.resolved_database_url)
+    engine = make_engine(settings.resolved_database_url, ping_idle_s=settings.db_ping_idle_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         start = getattr(dispatcher, "start", None)
         if start is not None:
             start()
-        sweeper = _sweeper(settings, dispatcher, app)
+        sweeper = start_sweeper(settings, app.state.session_factory, dispatcher) if sweep else None
+        if sweeper is not None:
+            app.state.sweeper = sweeper
         yield
         if sweeper is not None:
             sweeper.stop()
@@ -53,6 +60,8 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
                               "download the pruned ONNX and its report. Auth: `Authorization: Bearer <key>`.")
     app.state.settings = settings
     app.state.engine = engine
+    app.state.reads = reads = ReadPool(engine)  # hot single-statement reads (api/reads.py)
+    app.state.auth = Authenticator(reads, settings.auth_cache_s, settings.auth_cache_size)
     app.state.session_factory = make_session_factory(engine)
     app.state.store = ArtifactStore(settings.data_dir)
     app.state.dispatcher = dispatcher
@@ -68,17 +77,25 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
         app.include_router(metrics.make_router(app.state.session_factory, settings.broker_url))
 
     @app.get("/healthz", tags=["health"], summary="Liveness + database reachability (no auth)")
-    def healthz() -> dict[str, Any]:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+    async def healthz() -> dict[str, Any]:
+        await reads.run(lambda conn: conn.execute(text("SELECT 1")))
         return {"status": "ok", "mode": "embedded" if settings.embedded else "celery"}
 
     return app
 
 
-def _sweeper(settings: Settings, dispatcher: Dispatcher, app: FastAPI) -> Sweeper | None:
-    """With a broker, this process re-sends lost messages and recovers jobs of vanished workers
-    (lifecycle/sweeper.py); the embedded worker recovers on start instead."""
+def create_worker_app() -> FastAPI:
+    """uvicorn factory (`api.app:create_worker_app`) for each process of `hwprune serve --workers N`: settings
+    from the environment, Celery dispatch (N > 1 needs a broker), no sweeper (the supervisor runs it)."""
+    from hwprune.settings import get_settings
+
+    return create_app(get_settings(), sweep=False)
+
+
+def start_sweeper(settings: Settings, factory: sessionmaker[Session], dispatcher: Dispatcher | None = None
+                  ) -> Sweeper | None:
+    """With a broker, one process per `serve` re-sends lost messages and recovers jobs of vanished workers
+    (lifecycle/sweeper.py); the embedded worker recovers on start instead. Returns the started sweeper."""
     if settings.embedded or settings.sweep_interval_s <= 0:
         return None
     celery = dispatcher.app if isinstance(dispatcher, CeleryDispatcher) else \
@@ -87,15 +104,15 @@ def _sweeper(settings: Settings, dispatcher: Dispatcher, app: FastAPI) -> Sweepe
     def send(task: str, queue: str, job_id: str) -> None:
         celery.send_task(task, args=[job_id], queue=queue)
 
-    sweeper = Sweeper(app.state.session_factory, settings, send)
-    app.state.sweeper = sweeper
+    sweeper = Sweeper(factory, settings, send)
     sweeper.start()
     return sweeper
 
 
 def _install_db_down(app: FastAPI, retry_after_s: int) -> None:
-    """Database unreachable (restart, failover): 503 + Retry-After instead of a 500. Recovery needs nothing:
-    the pool pre-pings (db/session.py), so the first request after the database is back gets a new connection."""
+    """Database unreachable (restart, failover): 503 + Retry-After instead of a 500. Recovery needs nothing: a
+    connection idle for over `db_ping_idle_s` is pinged before use and replaced if dead; one that dies while in
+    use fails its request (this 503) and makes the pool replace every older connection (db/session.py)."""
 
     async def _db_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("database unreachable on %s %s: %s", request.method, request.url.path,

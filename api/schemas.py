@@ -7,6 +7,7 @@ from typing import Any, Generic, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
+from sqlalchemy import Row
 
 from db.models import DatasetRecord, Job, ModelRecord
 
@@ -151,7 +152,8 @@ class JobOut(_Out):
     callback_url: str | None = None
 
     @classmethod
-    def of(cls, j: Job) -> JobOut:
+    def of(cls, j: Job | Row[Any]) -> JobOut:
+        """From the ORM object or a Core row of the jobs table (db.repositories.read_owned)."""
         arts = None
         if j.status == "succeeded":
             arts = {n: f"/v1/jobs/{j.id}/artifacts/{n}" for n in ("model.onnx", "report.json")}

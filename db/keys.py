@@ -9,11 +9,20 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import Connection, bindparam, select
 from sqlalchemy.orm import Session
 
 from db.models import ApiKey, Tenant
+
+
+@dataclass(frozen=True)
+class KeyOwner:
+    """The tenant a verified key belongs to, as plain values: safe to cache and to share between threads."""
+
+    id: str
+    name: str
 
 
 def hash_key(key: str) -> str:
@@ -36,20 +45,20 @@ def create_key(session: Session, tenant_name: str) -> tuple[Tenant, str]:
     return tenant, key
 
 
-def verify_key(session: Session, key: str) -> Tenant | None:
+_KEY_AND_TENANT = (select(ApiKey.key_hash, ApiKey.revoked_at, Tenant.id, Tenant.name)
+                   .join(Tenant, Tenant.id == ApiKey.tenant_id).where(ApiKey.prefix == bindparam("prefix")))
+
+
+def verify_key(conn: Session | Connection, key: str) -> KeyOwner | None:
     """The tenant a key belongs to, or None (unknown, malformed or revoked: callers answer 401 alike)."""
     parts = key.split("_", 2)
     if len(parts) != 3 or parts[0] != "hwp" or len(parts[1]) != 12:
         return None
-    found = session.execute(
-        select(ApiKey.key_hash, ApiKey.revoked_at, Tenant).join(Tenant, Tenant.id == ApiKey.tenant_id)
-        .where(ApiKey.prefix == parts[1])
-    ).first()  # one round trip per request: key and tenant together
+    found = conn.execute(_KEY_AND_TENANT, {"prefix": parts[1]}).first()  # one round trip: key and tenant together
     if found is None or found.revoked_at is not None:
         # Hash anyway so unknown prefixes take as long as known ones.
         hmac.compare_digest(hash_key(key), "0" * 64)
         return None
     if not hmac.compare_digest(hash_key(key), found.key_hash):
         return None
-    tenant: Tenant = found.Tenant
-    return tenant
+    return KeyOwner(found.id, found.name)

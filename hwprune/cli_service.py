@@ -60,6 +60,8 @@ def serve(
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    workers: Annotated[int | None, typer.Option(min=1, help="API processes (default HWPRUNE_API_WORKERS = 1); "
+                                                        "more than 1 needs HWPRUNE_BROKER_URL")] = None,
 ) -> None:
     """Run the HTTP API (and, without HWPRUNE_BROKER_URL, a worker in the same process)."""
     import uvicorn
@@ -69,8 +71,16 @@ def serve(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
     settings = get_settings()
+    n = workers or settings.api_workers
+    if n > 1 and settings.embedded:
+        typer.echo("--workers > 1 needs HWPRUNE_BROKER_URL: the embedded worker runs inside the one API process",
+                   err=True)
+        raise typer.Exit(2)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     _ensure_schema(settings)
+    if n > 1:
+        _serve_processes(settings, host, port, log_level, n)
+        return
     dispatcher = None
     if settings.embedded:
         from worker.embedded import EmbeddedWorker
@@ -85,6 +95,26 @@ def serve(
         typer.echo("first API key (tenant 'default'; shown once, store it now):")
         typer.echo(key)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def _serve_processes(settings: Settings, host: str, port: int, log_level: str, n: int) -> None:
+    """uvicorn's multi-process mode: n processes built by `api.app:create_worker_app` share the socket; this
+    supervising process runs the one sweeper of this `serve` (none of the n does)."""
+    import uvicorn
+
+    from api.app import start_sweeper
+    from db.session import make_engine, make_session_factory
+
+    engine = make_engine(settings.resolved_database_url, pool_size=2, max_overflow=2)
+    sweeper = start_sweeper(settings, make_session_factory(engine))
+    typer.echo(f"hwprune API on http://{host}:{port}  (docs: http://{host}:{port}/docs; {n} processes; jobs go to "
+               f"{settings.broker_url}; data in {settings.data_dir.resolve()})")
+    try:
+        uvicorn.run("api.app:create_worker_app", factory=True, workers=n, host=host, port=port, log_level=log_level)
+    finally:
+        if sweeper is not None:
+            sweeper.stop()
+        engine.dispose()
 
 
 def worker(

@@ -52,11 +52,24 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1)
     # How long a client should wait before retrying when the database is unreachable (503 Retry-After).
     retry_after_s: int = Field(default=5, ge=1)
+    # API hot path (docs/service.md, "Performance"). A verified API key is remembered for auth_cache_s seconds
+    # (0 = check the database on every request), keyed by its sha256, at most auth_cache_size keys per process:
+    # a revoked key is refused at the latest auth_cache_s after the revocation.
+    auth_cache_s: float = Field(default=5.0, ge=0.0)
+    auth_cache_size: int = Field(default=1024, ge=1)
+    # The API pings a pooled PostgreSQL connection only when it sat unused for longer than this (db/session.py).
+    db_ping_idle_s: float = Field(default=2.0, ge=0.0)
+    # API processes `hwprune serve` runs (uvicorn workers); more than 1 needs a broker (the embedded worker
+    # lives inside the single API process). The sweeper then runs once, in the supervising process.
+    api_workers: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
         assert self.job_hard_time_limit_s > self.job_soft_time_limit_s, "hard time limit must exceed the soft one"
         assert self.heartbeat_stale_s > 2 * self.heartbeat_interval_s, "heartbeat_stale_s must exceed two heartbeats"
+        if self.api_workers > 1 and self.embedded:
+            raise ValueError("HWPRUNE_API_WORKERS > 1 needs HWPRUNE_BROKER_URL: the embedded worker runs inside "
+                             "the one API process")
         if self.env == "production":
             problems = []
             if not self.database_url or self.database_url.startswith("sqlite"):

@@ -13,8 +13,10 @@ Two failure modes Celery's own redelivery does not cover:
   `heartbeat_stale_s + sweep_interval_s`.
 
 Where it runs: a daemon thread in the API process (`hwprune serve` with a broker; `api/app.py` starts it when
-`sweep_interval_s > 0`). Several API replicas may each sweep: every transition is a status-guarded UPDATE and a
-duplicate message is skipped by the row lock in `db.jobs.claim_*`, so a double send costs one no-op task.
+`sweep_interval_s > 0`); with `serve --workers N`, in the supervising process only. Several `serve` replicas
+may each sweep: every transition is an UPDATE guarded on the state it saw (a re-send also on the row's
+`updated_at`), so only one sweeper acts on a row, and a duplicate message that slips through anyway is skipped
+by the row lock in `db.jobs.claim_*` (one no-op task).
 The embedded worker has no broker to lose messages and recovers on start instead (worker/embedded.py).
 
 Broker presence is read from Redis directly (kombu's Redis transport keeps a queue as a list named after it
@@ -127,7 +129,7 @@ class Sweeper:
         grace = now - timedelta(seconds=self.settings.requeue_grace_s)
         stale = now - timedelta(seconds=self.settings.heartbeat_stale_s)
         with self.factory() as s:
-            waiting = s.execute(select(Job.id, Job.status).where(
+            waiting = s.execute(select(Job.id, Job.status, Job.updated_at).where(
                 Job.updated_at < grace,
                 or_(Job.status == "queued", (Job.status == "running") & (Job.phase == "measure_queued")),
             )).all()
@@ -147,8 +149,9 @@ class Sweeper:
         return out
 
     def _resend_missing(self, waiting: Sequence[Any], out: SweepResult) -> None:
-        prune_ids = [j for j, st in waiting if st == "queued"]
-        measure_ids = [j for j, st in waiting if st == "running"]
+        seen = {j: at for j, _, at in waiting}
+        prune_ids = [j for j, st, _ in waiting if st == "queued"]
+        measure_ids = [j for j, st, _ in waiting if st == "running"]
         present: set[str] = set()
         if self.in_broker is not None:
             present = self.in_broker((PRUNE_QUEUE, MEASURE_QUEUE), prune_ids + measure_ids)
@@ -157,11 +160,13 @@ class Sweeper:
             for job_id in ids:
                 if job_id in present:
                     continue
-                # Touch updated_at first (guarded on the state we saw), so the next sweep waits a full grace.
+                # Touch updated_at first, guarded on the state and the updated_at we saw: the next sweep waits a
+                # full grace, and of several sweepers that saw the same row only the first one sends.
                 with transaction(self.factory) as s:
                     expect = Job.status == status if status == "queued" else \
                         (Job.status == "running") & (Job.phase == "measure_queued")
-                    res = s.execute(update(Job).where(Job.id == job_id, expect).values(updated_at=utcnow()))
+                    res = s.execute(update(Job).where(Job.id == job_id, expect, Job.updated_at == seen[job_id])
+                                    .values(updated_at=utcnow()))
                     if res.rowcount != 1:  # type: ignore[attr-defined]
                         continue
                 self.send(task, queue, job_id)

@@ -177,11 +177,14 @@ def test_postgres_down_is_503_with_retry_after_and_recovers(tmp_path: Path, redi
         pg.start()
         upgrade(pg.url)
         key = add_key(pg.url, "pg-restart")
-        settings = Settings(database_url=pg.url, broker_url=redis_url, data_dir=tmp_path / "data",
-                            sweep_interval_s=0, retry_after_s=7)
-        app = create_app(settings, CeleryDispatcher(redis_url, settings.visibility_timeout_s))
         h = {"Authorization": f"Bearer {key}"}
-        with TestClient(app) as client:
+
+        def app(ping_idle_s: float) -> TestClient:
+            settings = Settings(database_url=pg.url, broker_url=redis_url, data_dir=tmp_path / "data",
+                                sweep_interval_s=0, retry_after_s=7, db_ping_idle_s=ping_idle_s, auth_cache_s=0)
+            return TestClient(create_app(settings, CeleryDispatcher(redis_url, settings.visibility_timeout_s)))
+
+        with app(2.0) as client:
             assert client.get("/v1/models", headers=h).status_code == 200  # pool now holds a live connection
             pg.stop()
             for path in ("/v1/models", "/v1/jobs", "/healthz"):
@@ -190,10 +193,27 @@ def test_postgres_down_is_503_with_retry_after_and_recovers(tmp_path: Path, redi
                 assert r.headers["retry-after"] == "7" and r.headers["content-type"] == "application/problem+json"
                 assert "database is unreachable" in r.json()["detail"]
             pg.start()
-            # pool_pre_ping: the very first request after the restart replaces the dead connection.
+            # The failed requests made the pool drop its connections: the first one after the restart connects anew.
             r = client.get("/v1/models", headers=h)
             assert r.status_code == 200, r.text
             assert client.get("/healthz").status_code == 200
+
+        # A restart nobody noticed (no request while the database was down), with no pre-ping on every checkout
+        # (db/session.py): a connection idle for longer than db_ping_idle_s is pinged and silently replaced; one
+        # used more recently than that fails its request once (503 + Retry-After), after which the pool has
+        # replaced every connection that predates the failure.
+        with app(0.0) as pinged, app(3600.0) as trusted:
+            for client in (pinged, trusted):
+                assert client.get("/v1/jobs", headers=h).status_code == 200
+                assert client.get(f"/v1/jobs/{'0' * 32}", headers=h).status_code == 404  # the hot read path too
+            pg.stop()
+            pg.start()
+            assert pinged.get("/v1/jobs", headers=h).status_code == 200, "idle connection pinged and replaced"
+            first = trusted.get("/v1/jobs", headers=h)
+            assert first.status_code == 503 and first.headers["retry-after"] == "7", first.text
+            assert trusted.get("/v1/jobs", headers=h).status_code == 200, "the pool recovers after one failure"
+            assert trusted.get(f"/v1/jobs/{'0' * 32}", headers=h).status_code == 404
+            assert trusted.get("/healthz").status_code == 200
     finally:
         pg.destroy()
 
