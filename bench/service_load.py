@@ -3,8 +3,11 @@
 Starts `hwprune worker --queues gpu,cpu` and `hwprune serve` (API only) as subprocesses on a fresh PostgreSQL
 database and a dedicated Redis db, then measures:
 
-1. status polling: `GET /v1/jobs/{id}` throughput and p50/p99 latency at 1, 16 and 64 concurrent clients,
-   against the baseline `GET /healthz` (no auth, `SELECT 1`) measured the same way in the same run;
+1. status polling: `GET /v1/jobs/{id}` throughput and p50/p99 latency at 1, 16 and 64 concurrent closed-loop
+   clients, against the baseline `GET /healthz` (no auth, `SELECT 1`) measured the same way in the same run, plus
+   the API's own CPU time per request (all its processes). The load generator is `wrk` (C, one thread) when it
+   is installed (`apt-get install -y wrk`), else httpx async in Python (`--client` picks one); the table says
+   which ran;
 2. submission-to-pickup: `started_at - created_at` of job rows (API insert -> worker claim), against the
    baseline of a bare Redis LPUSH -> BRPOP round trip;
 3. API memory while uploading: peak RSS growth of the API process (VmHWM, reset before each upload) for a small
@@ -12,8 +15,10 @@ database and a dedicated Redis db, then measures:
    + `inspect_model`).
 
     python bench/service_load.py [--duration 5] [--clients 1,16,64] [--upload-mb 200] [--pickups 8]
+                                 [--client auto|wrk|httpx] [--api-workers N] [--polling-only]
 
-Prints a markdown table and writes it with date, machine and command to docs/benchmarks/service.md.
+Prints a markdown table and writes it with date, machine and command to docs/benchmarks/service.md
+(`--polling-only`: prints the polling table, writes nothing).
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import contextlib
 import datetime as dt
 import os
 import platform
+import re
 import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -79,12 +86,54 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def load(stack: Stack, path: str, headers: dict[str, str], clients: int, duration: float) -> dict[str, float]:
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and all its live descendants (the uvicorn workers of `serve --workers N`)."""
+    total = 0.0
+    for p in (pid, *descendants(pid)):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            total += cpu_seconds(p)
+    return total
+
+
+def load(stack: Stack, path: str, headers: dict[str, str], clients: int, duration: float,
+         client: str) -> dict[str, float]:
     """Closed-loop load plus the API's own CPU time per request (independent of how busy the cores are)."""
-    c0 = cpu_seconds(stack.api.pid)
-    res = asyncio.run(_load(stack.url, path, headers, clients, duration))
-    res["cpu_ms"] = (cpu_seconds(stack.api.pid) - c0) * 1000 / max(res["n"], 1)
+    c0 = tree_cpu_seconds(stack.api.pid)
+    if client == "wrk":
+        res = _load_wrk(stack.url, path, headers, clients, duration)
+    else:
+        res = asyncio.run(_load(stack.url, path, headers, clients, duration))
+    res["cpu_ms"] = (tree_cpu_seconds(stack.api.pid) - c0) * 1000 / max(res["n"], 1)
     return res
+
+
+_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def _ms(value: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value)
+    assert m, f"unexpected wrk duration {value!r}"
+    return float(m.group(1)) * _UNITS_MS[m.group(2)]
+
+
+def _load_wrk(url: str, path: str, headers: dict[str, str], clients: int, duration: float) -> dict[str, float]:
+    """wrk, one thread, `clients` connections each sending its next request as soon as the answer arrived."""
+    seconds = max(1, round(duration))  # wrk takes whole seconds
+    cmd = ["wrk", "-t1", "-c", str(clients), "-d", f"{seconds}s", "--timeout", "30s", "--latency"]
+    for k, v in headers.items():
+        cmd += ["-H", f"{k}: {v}"]
+    out = subprocess.run([*cmd, url + path], capture_output=True, text=True, check=True,
+                         timeout=seconds + 60).stdout
+    lat = dict(re.findall(r"^\s+(50|99)(?:\.000)?%\s+(\S+)\s*$", out, re.M))
+    if set(lat) != {"50", "99"}:
+        raise RuntimeError(f"could not read wrk's latency distribution:\n{out}")
+    n = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    errors = sum(int(x) for x in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
+    socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if socket:
+        errors += sum(int(x) for x in socket.groups())
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    return {"rps": rps, "p50": _ms(lat["50"]), "p99": _ms(lat["99"]), "n": n, "errors": errors}
 
 
 def tiny_onnx(path: Path) -> Path:
@@ -110,10 +159,10 @@ def big_onnx(path: Path, mb: int) -> Path:
 
 
 class Stack:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, api_workers: int = 1) -> None:
         self.db = f"hwprune_bench_{secrets.token_hex(4)}"
         with psycopg.connect(PG_ADMIN, autocommit=True) as c:
-            c.execute(f'CREATE DATABASE "{self.db}"')  # type: ignore[arg-type]
+            c.execute(f'CREATE DATABASE "{self.db}"')
         self.db_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.db}"
         self.redis_url = f"redis://127.0.0.1:6379/{REDIS_DB}"
         redis.Redis.from_url(self.redis_url).flushdb()
@@ -121,7 +170,8 @@ class Stack:
         self.port = 18000 + secrets.randbelow(2000)
         env = {k: v for k, v in os.environ.items() if not k.startswith("HWPRUNE_")}
         env.update(HWPRUNE_DATABASE_URL=self.db_url, HWPRUNE_BROKER_URL=self.redis_url,
-                   HWPRUNE_DATA_DIR=str(tmp / "data"), HWPRUNE_MAX_UPLOAD_BYTES=str(1024**3), PYTHONUNBUFFERED="1")
+                   HWPRUNE_DATA_DIR=str(tmp / "data"), HWPRUNE_MAX_UPLOAD_BYTES=str(1024**3), PYTHONUNBUFFERED="1",
+                   HWPRUNE_API_WORKERS=str(api_workers))
         self.logs = [open(tmp / "worker.log", "wb"), open(tmp / "api.log", "wb")]  # noqa: SIM115
         cli = [sys.executable, "-m", "hwprune.cli"]
         self.worker = subprocess.Popen([*cli, "worker", "--queues", "gpu,cpu", "--log-level", "WARNING"], env=env,
@@ -155,8 +205,8 @@ class Stack:
             f.close()
         self.engine.dispose()
         with psycopg.connect(PG_ADMIN, autocommit=True) as c:
-            c.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{self.db}'")  # type: ignore[arg-type]
-            c.execute(f'DROP DATABASE IF EXISTS "{self.db}"')  # type: ignore[arg-type]
+            c.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{self.db}'")
+            c.execute(f'DROP DATABASE IF EXISTS "{self.db}"')
         redis.Redis.from_url(self.redis_url).flushdb()
 
 
@@ -221,11 +271,24 @@ def redis_roundtrip(url: str, n: int = 200) -> list[float]:
 
 def children(pid: int) -> list[int]:
     out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:  # the process ended meanwhile
+        return out
+    for task in tasks:
         try:
             out += [int(c) for c in (task / "children").read_text().split()]
         except FileNotFoundError:  # the thread ended meanwhile
             continue
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    out, todo = [], children(pid)
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children(p)
     return out
 
 
@@ -274,35 +337,47 @@ def main() -> None:
     ap.add_argument("--upload-mb", type=int, default=200)
     ap.add_argument("--pickups", type=int, default=8)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "service.md")
+    ap.add_argument("--client", choices=("auto", "wrk", "httpx"), default="auto",
+                    help="load generator for polling: auto = wrk when installed, else httpx")
+    ap.add_argument("--api-workers", type=int, default=1, help="API processes (`serve --workers N`)")
+    ap.add_argument("--polling-only", action="store_true", help="only the polling table, printed, not written")
     args = ap.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
+    client = args.client if args.client != "auto" else ("wrk" if shutil.which("wrk") else "httpx")
+    client_desc = wrk_version() if client == "wrk" else f"httpx {httpx.__version__} async (Python)"
 
+    load_before = os.getloadavg()[0]
+    pick: list[float] = []
+    rt: list[float] = []
+    uploads: list[tuple[str, int, float, float, float, int]] = []
     with tempfile.TemporaryDirectory(prefix="hwprune-bench-") as d:
         tmp = Path(d)
-        stack = Stack(tmp)
+        stack = Stack(tmp, args.api_workers)
         try:
             with open(tiny_onnx(tmp / "tiny.onnx"), "rb") as fh:
                 model = httpx.post(stack.url + "/v1/models", headers=stack.h, files={"file": ("tiny.onnx", fh)},
                                    timeout=60).json()
             # Worker must have started (pool process preloaded torch) before timing pick-ups.
-            pick = pickups(stack, model["id"], args.pickups)
-            rt = redis_roundtrip(stack.redis_url)
+            pick = pickups(stack, model["id"], 1 if args.polling_only else args.pickups)
+            if not args.polling_only:
+                rt = redis_roundtrip(stack.redis_url)
             with httpx.Client(base_url=stack.url, headers=stack.h) as c:
                 job_id = c.get("/v1/jobs", params={"limit": 1}).json()["items"][0]["id"]
             polling = []
             for n in clients:
-                base = load(stack, "/healthz", {}, n, args.duration)
-                jobs = load(stack, f"/v1/jobs/{job_id}", stack.h, n, args.duration)
+                base = load(stack, "/healthz", {}, n, args.duration, client)
+                jobs = load(stack, f"/v1/jobs/{job_id}", stack.h, n, args.duration, client)
                 polling.append((n, base, jobs))
-            garbage = tmp / "garbage.bin"
-            with open(garbage, "wb") as fh:
-                for _ in range(args.upload_mb):
-                    fh.write(os.urandom(1024 * 1024))
-            uploads = [("small ONNX model (baseline)", *upload_peak(stack, tmp / "tiny.onnx")),
-                       (f"{args.upload_mb} MB of non-model bytes (streamed, then rejected)",
-                        *upload_peak(stack, garbage)),
-                       (f"{args.upload_mb} MB ONNX model (streamed + inspect_model)",
-                        *upload_peak(stack, big_onnx(tmp / "big.onnx", args.upload_mb)))]
+            if not args.polling_only and args.api_workers == 1:
+                garbage = tmp / "garbage.bin"
+                with open(garbage, "wb") as fh:
+                    for _ in range(args.upload_mb):
+                        fh.write(os.urandom(1024 * 1024))
+                uploads = [("small ONNX model (baseline)", *upload_peak(stack, tmp / "tiny.onnx")),
+                           (f"{args.upload_mb} MB of non-model bytes (streamed, then rejected)",
+                            *upload_peak(stack, garbage)),
+                           (f"{args.upload_mb} MB ONNX model (streamed + inspect_model)",
+                            *upload_peak(stack, big_onnx(tmp / "big.onnx", args.upload_mb)))]
         except BaseException:
             for name in ("api.log", "worker.log"):  # the temporary folder goes away: show why it failed
                 log_path = tmp / name
@@ -318,12 +393,15 @@ def main() -> None:
         "# Service load (Redis + PostgreSQL on this machine)",
         "",
         f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: `nproc` = {nproc}, {cpu_model()}; load average {os.getloadavg()[0]:.1f} when the run ended "
-        "(the cores are shared with other work, so absolute numbers are noisy)",
-        "- stack: `hwprune serve` (uvicorn, 1 process, API only) + `hwprune worker --queues gpu,cpu` (Celery prefork,"
-        " concurrency 1), PostgreSQL and Redis on 127.0.0.1; the load generator (httpx async) runs on the same cores",
-        f"- command: `python bench/service_load.py --duration {args.duration} --clients {args.clients} "
-        f"--upload-mb {args.upload_mb} --pickups {args.pickups}`",
+        f"- machine: `nproc` = {nproc}, {cpu_model()}; 1-minute load average {load_before:.1f} before the run, "
+        f"{os.getloadavg()[0]:.1f} when it ended (the cores may be shared with other work: absolute latencies are "
+        "noisy, API CPU ms/req much less so)",
+        f"- stack: `hwprune serve` (uvicorn, {args.api_workers} process{'es' if args.api_workers > 1 else ''}, API "
+        "only) + `hwprune worker --queues gpu,cpu` (Celery prefork, concurrency 1), PostgreSQL and Redis on "
+        "127.0.0.1",
+        f"- load generator: {client_desc}, closed loop (each client sends its next request when the answer "
+        "arrived), on the same cores",
+        f"- command: `{' '.join(['python', 'bench/service_load.py', *sys.argv[1:]])}`",
         "",
         "## Status polling",
         "",
@@ -338,9 +416,14 @@ def main() -> None:
     lines += [
         "",
         f"Non-200 answers during polling: {errs}. Target: p99 < 50 ms at 16 clients. API CPU ms/req is the API",
-        "process' CPU time (utime+stime) over the requests it served: the cost of one status poll regardless of",
+        "processes' CPU time (utime+stime) over the requests they served: the cost of one status poll regardless of",
         "how contended the cores are; one dedicated core serves about 1000 / (CPU ms/req) polls per second.",
         "",
+    ]
+    if args.polling_only:
+        print("\n".join(lines))
+        return
+    lines += [
         "## Submission to pick-up",
         "",
         "| measure | n | median ms | p90 ms | max ms |",
@@ -369,10 +452,24 @@ def main() -> None:
         "not in the API's; inspection processes are recycled every 8 uploads.",
         "",
     ]
+    if not uploads:
+        lines += ["(not measured: with --api-workers > 1 the upload lands in one of several processes)", ""]
     text = "\n".join(lines)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    # The hand-written reading at the end of the file ("## Reading ...") stays; only the tables above it change.
+    old = args.out.read_text() if args.out.exists() else ""
+    reading = old[old.index(READING):] if READING in old else ""
+    args.out.write_text(text + ("\n" + reading if reading else ""))
+
+
+READING = "## Reading"
+
+
+def wrk_version() -> str:
+    out = subprocess.run(["wrk", "--version"], capture_output=True, text=True)
+    first = (out.stdout or out.stderr).splitlines()[0] if (out.stdout or out.stderr) else "wrk"
+    return f"`{first.split(' Copyright')[0].strip()}` (C, 1 thread)"
 
 
 if __name__ == "__main__":
