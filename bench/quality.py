@@ -168,7 +168,8 @@ def time_steps(kind: str, geometry: str, sparsity: float, steps: int, rounds: in
     def setup(smart: bool) -> tuple[Callable[[int], None], list[nn.Parameter], SmartPruner | None]:
         model = copy.deepcopy(dense)
         plan = build_plan(model, split.example_input, gran, PruneSpec(accelerator=accel, granularity=gran).profile)
-        pruner = SmartPruner(plan, sparsity, soft_steps=steps * rounds, config=SmartConfig(**SMART_OVERRIDES))
+        pruner = SmartPruner(plan, sparsity, soft_steps=steps * rounds, config=SmartConfig(**SMART_OVERRIDES),
+                             min_keep=MIN_KEEP)
         scores = pruner.prepare()
         params = [p for p in model.parameters() if p.requires_grad]
         groups: list[dict[str, Any]] = [{"params": params, "lr": _settings["lr"]}]

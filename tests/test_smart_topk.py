@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pruning_core.methods.smart.topk import soft_topk
+from pruning_core.methods.smart.topk import Floors, soft_topk, soft_topk_floors
 
 TAUS = [1.0, 0.1, 1e-2, 1e-3]
 
@@ -81,3 +81,60 @@ def test_gradient_raises_a_score_when_its_group_helps() -> None:
     (-soft_topk(scores, 3, 1.0)[0]).backward()
     assert scores.grad is not None
     assert float(scores.grad[0]) < 0 and float(scores.grad[1:].sum()) > 0
+
+
+# -- per-layer floors (the soft form of min_keep) -------------------------------------------------------------
+def _low_first_units(seed: int) -> tuple[torch.Tensor, Floors]:
+    """Units of 3, 6 and 10 groups with floors 1, 2, 1; the first two units score low, so their floors bind."""
+    floors = Floors([3, 6, 10], [1, 2, 1])
+    s = torch.randn(19, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    s[:3] -= 3.0
+    s[3:9] -= 1.5
+    return s, floors
+
+
+@pytest.mark.parametrize("tau", TAUS)
+@pytest.mark.parametrize("k", [4, 6, 9])
+def test_floors_keep_the_budget_and_every_floor(tau: float, k: int) -> None:
+    s, floors = _low_first_units(0)
+    f = soft_topk_floors(s, k, tau, floors)
+    assert abs(float(f.sum()) - k) < 1e-4
+    unit_sums = torch.zeros(3, dtype=torch.float64).index_add_(0, floors.seg, f)
+    # each unit holds at least its floor (to solver precision; the budget check above uses the same 1e-4)
+    assert bool((unit_sums >= torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64) - 1e-4).all()), unit_sums
+
+
+def test_floors_taking_the_whole_budget_give_each_unit_its_floor() -> None:
+    s, floors = _low_first_units(1)
+    f = soft_topk_floors(s, 3, 0.5, floors)  # floors sum to 4 > k = 3: the floors win, as in geometry.select
+    unit_sums = torch.zeros(3, dtype=torch.float64).index_add_(0, floors.seg, f)
+    assert torch.allclose(unit_sums, torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64), atol=1e-6)
+
+
+def test_floors_that_do_not_bind_change_nothing() -> None:
+    s = torch.randn(40, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    floors = Floors([20, 20], [1, 1])  # k = 20 of 40 at tau 0.01: each half holds far more than one group
+    assert torch.allclose(soft_topk_floors(s, 20, 0.01, floors), soft_topk(s, 20, 0.01), atol=1e-9)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.3])
+def test_exact_floor_backward_matches_finite_differences(tau: float) -> None:
+    s, floors = _low_first_units(3)
+    exact = Floors(floors.sizes, floors.floors, exact_grad=True)
+    s.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: soft_topk_floors(x, 6, tau, exact), (s,), eps=1e-6, atol=1e-6)
+
+
+def test_straight_through_floor_backward_lets_a_bound_unit_ask_for_budget() -> None:
+    """The exact gradient of a bound unit's mean score is zero (its floor fixes its sum); the straight-through
+    one is the global projection, so rewarding a bound unit's masks raises that unit's scores on average."""
+    s, floors = _low_first_units(4)
+    exact = Floors(floors.sizes, floors.floors, exact_grad=True)
+    grads = {}
+    for name, fl in (("exact", exact), ("straight-through", floors)):
+        x = s.clone().requires_grad_(True)
+        (-soft_topk_floors(x, 6, 0.3, fl)[:3].sum()).backward()  # loss falls when unit 0's masks grow
+        assert x.grad is not None
+        grads[name] = x.grad
+    assert abs(float(grads["exact"][:3].sum())) < 1e-9
+    assert float(grads["straight-through"][:3].sum()) < -1e-3

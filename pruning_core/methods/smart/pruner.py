@@ -25,9 +25,10 @@ from torch import Tensor, nn
 
 from pruning_core.data import TrainData
 from pruning_core.geometry import PruningPlan, PruningUnit
+from pruning_core.geometry.select import min_kept
 from pruning_core.methods.smart.config import SmartConfig
 from pruning_core.methods.smart.temperature import Temperature
-from pruning_core.methods.smart.topk import soft_topk
+from pruning_core.methods.smart.topk import Floors, soft_topk, soft_topk_floors
 from pruning_core.progress import Progress, StageProgress
 from pruning_core.spec import PruneSpec
 from pruning_core.train import TrainConfig, train_steps
@@ -57,7 +58,7 @@ class SmartPruner:
     """torch.ao.pruning-shaped: `prepare()`, `soft_step(step)` / `observe(step)`, `harden()`, `squash_mask()`."""
 
     def __init__(self, plan: PruningPlan, sparsity: float, soft_steps: int, config: SmartConfig | None = None,
-                 min_keep: float = 0.05) -> None:
+                 min_keep: float = 0.01) -> None:
         self.plan, self.sparsity, self.min_keep = plan, sparsity, min_keep
         self.cfg = config or SmartConfig()
         self.temperature = Temperature(self.cfg, max(soft_steps, 1))
@@ -74,6 +75,7 @@ class SmartPruner:
         # global budget for block / channel units, k = round((1 - s) * N), kept strictly inside (0, N)
         self.k = min(max(round((1.0 - sparsity) * n_dense), 1), n_dense - 1) if n_dense > 1 else 0
         self.scores: list[nn.Parameter] = []  # [dense scores] and/or [N:M scores], flat
+        self.floors: Floors | None = None  # per-unit min_keep floors of the soft top-k (config.soft_floors)
         self.hard: list[Tensor] | None = None
         self.last: dict[str, float] = {}
 
@@ -88,6 +90,10 @@ class SmartPruner:
                     mode = "layer" if self.plan.granularity == "channel" else "global"
                 s = init_scores([self.plan.units[i] for i in idx], mode)
                 self.scores.append(nn.Parameter(s.to(device) if device is not None else s))
+        if self.dense_idx and self.cfg.soft_floors != "off":
+            units = [self.plan.units[i] for i in self.dense_idx]
+            self.floors = Floors([u.num_groups for u in units], [min_kept(u, self.min_keep) for u in units],
+                                 self.scores[0].device, exact_grad=self.cfg.soft_floors == "exact")
         return self.scores
 
     def unit_scores(self) -> list[Tensor]:
@@ -103,12 +109,17 @@ class SmartPruner:
         return [o for o in out if o is not None]
 
     # -- soft phase ----------------------------------------------------------------------------------
-    def soft_masks(self, tau: float) -> list[Tensor]:
+    def soft_masks(self, tau: float, floors: bool = True) -> list[Tensor]:
         """Soft masks per unit: global top-k over block/channel groups, top-N of every M-run for N:M."""
         flat: list[Tensor] = []
         j = 0
         if self.dense_idx:
-            flat.append(soft_topk(self.scores[j], self.k, tau) if self.k > 0 else torch.ones_like(self.scores[j]))
+            if self.k <= 0:
+                flat.append(torch.ones_like(self.scores[j]))
+            elif self.floors is not None and floors:
+                flat.append(soft_topk_floors(self.scores[j], self.k, tau, self.floors))
+            else:
+                flat.append(soft_topk(self.scores[j], self.k, tau))
             j += 1
         if self.nm_idx:
             assert self.nm is not None, "N:M units without a pattern"
@@ -126,7 +137,7 @@ class SmartPruner:
     def soft_step(self, step: int) -> None:
         """before_step hook: recompute the soft masks at this step's temperature (graph to the scores)."""
         tau = self.temperature.tau(step)
-        masks = self.soft_masks(tau)
+        masks = self.soft_masks(tau, step >= self.cfg.floors_after * self.temperature.soft_steps)
         self.plan.set_masks(masks)
         with torch.no_grad():
             allm = torch.cat([m.detach().reshape(-1) for m in masks])
@@ -216,7 +227,7 @@ def run_smart(model: nn.Module, teacher: nn.Module | None, plan: PruningPlan, sp
 
     hard_kept = 0.0
     if soft_steps > 0:
-        soft_cfg = replace(tcfg, min_lr_ratio=tcfg.min_lr_ratio if cfg.soft_lr_decay else 1.0)
+        soft_cfg = replace(tcfg, min_lr_ratio=cfg.soft_min_lr_ratio)
         train_steps(
             model, teacher, data, soft_steps, soft_cfg,
             progress=_PhaseProgress(stage_progress, 0.0, soft_share, record(0, 0), cfg.log_every),

@@ -6,53 +6,91 @@ bracket; no `.item()`, no host sync). Solved in float64 so the budget holds to ~
 for tau = 1e-3 and wide score ranges. Scores are centred between the k-th and (k+1)-th largest values first,
 so arguments near the threshold are O(1) and keep full precision however large m / tau is.
 
+The bracket is tight, so few iterations suffice: with z_(k) the k-th largest argument, the root lies in
+[-z_(k) - log(n - k), -z_(k+1) + log(k)] (below it the k - 1 largest terms plus n - k + 1 terms of at most
+1 / (n - k + 1) sum to <= k; above it the k + 1 largest terms are each >= k / (k + 1)). After centring
+its width is the k/k+1 gap plus log(k (n - k)), a few tens at most, instead of the whole score range / tau.
+
 Backward is the implicit-differentiation Jacobian (t depends on m through the budget constraint):
     d f_i / d m_j = (1 / tau) * (delta_ij * s_i - s_i * s_j / sum_l s_l),   s_i = f_i (1 - f_i)
 so the vector-Jacobian product is (1 / tau) * s * (g - <g, s> / sum(s)): O(N), no loops over groups.
 
 Rows are independent problems: shape [R, N] with one budget k per row covers both the global top-k of
 block / channel pruning (R = 1) and N:M pruning (R = number of M-runs, k = N).
+
+`soft_topk_floors` adds per-layer floors, the soft counterpart of the hard selection's min_keep rule
+(`geometry.select`: each unit keeps at least r_u groups, the rest of the budget goes to the best groups
+anywhere). It is the exact KKT solution of the same problem with constraints sum_{i in u} f_i >= r_u:
+f_i = sigmoid(z_i + max(t, s_u)), where s_u makes unit u alone sum to r_u. A unit whose floor binds
+(s_u > t) is its own top-r_u problem; the others share the global shift.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-BISECTION_ITERS = 20  # cheap iterations (6 small ops each) that shrink the bracket by 2^-20
-NEWTON_ITERS = 6  # then Newton clamped to the bracket: quadratic convergence to float64 precision
-# (stress set of 2000 4-runs and 3000-entry vectors, scores x1..x1000, tau 1..1e-3: worst |sum - k| 4e-16;
-#  the earlier 32-iteration rtsafe loop was as exact but issued ~4x more tensor ops, and op dispatch, not
-#  arithmetic, is what a SMART step pays for on small models)
+BISECTION_ITERS = 12  # halvings of the tight bracket (width / 4096)
+FLOOR_BISECTION_ITERS = 16  # the floors' problems (per-unit shifts; a global sum with kinks) need 4 more
+NEWTON_ITERS = 5  # then Newton clamped to the bracket: quadratic convergence to float64 precision
+# Stress set (2000-entry vectors with k = 1..1999, tied scores, 2000 4-runs; scores x1..x1000, tau 1..1e-3):
+# worst |sum - k| 2e-10 (floors: 4e-12 with 16 bisections, 3e-7 with 12). The loose bracket (score range / tau) needed
+# 20 bisection + 6 Newton iterations; on small models op dispatch, not arithmetic, is what a SMART step pays.
+
+Evaluate = Callable[[Tensor, bool], tuple[Tensor, Tensor | None]]  # shift -> (mask sum, d sum / d shift)
 
 
-def solve_shift(z: Tensor, k: int) -> Tensor:
-    """t[R, 1] with sum_i sigmoid(z[r, i] + t[r]) = k for every row (z centred, 0 < k < N).
-
-    Fixed iteration count, everything on z's device, no host sync: bisection on a bracket that provably
-    contains the root, then Newton steps clamped to the final bracket.
-    """
-    n = z.shape[-1]
-    assert 0 < k < n, f"budget k={k} must be in (0, {n}) (k = 0 or N has no soft mask to learn)"
-    base = math.log(k / (n - k))  # logit(k / n): sum = k if all z were equal
-    # t_lo makes every term <= k/n (sum <= k); t_hi makes every term >= k/n (sum >= k).
-    lo = base - z.amax(dim=-1, keepdim=True)
-    hi = base - z.amin(dim=-1, keepdim=True)
-    for _ in range(BISECTION_ITERS):
+def _find_root(evaluate: Evaluate, lo: Tensor, hi: Tensor, k: Tensor | float,
+               bisections: int = BISECTION_ITERS) -> Tensor:
+    """Shift(s) with evaluate(t) = k for a sum increasing in t, the root bracketed by [lo, hi] (elementwise)."""
+    for _ in range(bisections):
         mid = 0.5 * (lo + hi)
-        too_big = torch.sigmoid(z + mid).sum(dim=-1, keepdim=True) > k
+        too_big = evaluate(mid, False)[0] > k
         hi = torch.where(too_big, mid, hi)
         lo = torch.where(too_big, lo, mid)
     t = 0.5 * (lo + hi)
     for _ in range(NEWTON_ITERS):
-        f = torch.sigmoid(z + t)
-        g = f.sum(dim=-1, keepdim=True) - k
-        d = (f - f * f).sum(dim=-1, keepdim=True).clamp_min(1e-300)
-        t = torch.minimum(torch.maximum(t - g / d, lo), hi)
+        total, slope = evaluate(t, True)
+        assert slope is not None
+        t = torch.minimum(torch.maximum(t - (total - k) / slope.clamp_min(1e-300), lo), hi)
     return t
+
+
+def _sigmoid_sums(z: Tensor) -> Evaluate:
+    def evaluate(t: Tensor, with_slope: bool) -> tuple[Tensor, Tensor | None]:
+        f = torch.sigmoid(z + t)
+        return f.sum(dim=-1, keepdim=True), (f - f * f).sum(dim=-1, keepdim=True) if with_slope else None
+    return evaluate
+
+
+def _bracket(z_k: Tensor, z_k1: Tensor, k: int, n: int) -> tuple[Tensor, Tensor]:
+    """Bracket of the shift for budget k of n, from the k-th and (k+1)-th largest arguments (module docstring)."""
+    return -z_k - math.log(n - k), -z_k1 + math.log(k)
+
+
+def _centre(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """z shifted so the k-th and (k+1)-th largest of each row sit at +-d (precision); also the top k+1 values."""
+    top = torch.topk(z, k + 1, dim=-1).values
+    mid = 0.5 * (top[..., k - 1 : k] + top[..., k : k + 1])
+    return z - mid, top - mid
+
+
+def _project(grad: Tensor, f: Tensor, tau: float, group: Tensor | None, groups: int) -> Tensor:
+    """(1 / tau) * s * (g - <g, s>_c / sum_c s) with s = f (1 - f), per row or per group id c (flat)."""
+    s = f * (1 - f)
+    g = grad.to(f.dtype)
+    tiny = torch.finfo(f.dtype).tiny
+    if group is None:
+        proj = (g * s).sum(dim=-1, keepdim=True) / s.sum(dim=-1, keepdim=True).clamp_min(tiny)
+    else:
+        num = torch.zeros(groups, dtype=f.dtype, device=f.device).index_add_(0, group, g * s)
+        den = torch.zeros(groups, dtype=f.dtype, device=f.device).index_add_(0, group, s)
+        proj = (num / den.clamp_min(tiny))[group]
+    return (s * (g - proj) / tau).to(grad.dtype)
 
 
 class SoftTopK(torch.autograd.Function):
@@ -62,14 +100,13 @@ class SoftTopK(torch.autograd.Function):
     def forward(ctx: Any, scores: Tensor, k: int, tau: float) -> Tensor:
         assert scores.dim() == 2, f"scores must be [rows, N], got shape {tuple(scores.shape)}"
         assert tau > 0, f"temperature must be positive, got {tau}"
+        n = scores.shape[-1]
+        assert 0 < k < n, f"budget k={k} must be in (0, {n}) (k = 0 or N has no soft mask to learn)"
         # float64: sums over thousands of entries must stay within 1e-4 of k; in float32 near-saturated rows
         # at tau = 1e-3 left the solver 7e-4 off (measured), and float32 was not measurably faster on CPU
-        z = scores.detach().double() / tau
-        # centre each row between its k-th and (k+1)-th largest values: near-threshold arguments become O(1)
-        # (precision)
-        top = torch.topk(z, k + 1, dim=-1).values
-        z = z - 0.5 * (top[..., k - 1 : k] + top[..., k : k + 1])
-        f = torch.sigmoid(z + solve_shift(z, k))
+        z, top = _centre(scores.detach().double() / tau, k)
+        lo, hi = _bracket(top[..., k - 1 : k], top[..., k : k + 1], k, n)
+        f = torch.sigmoid(z + _find_root(_sigmoid_sums(z), lo, hi, float(k)))
         ctx.save_for_backward(f)
         ctx.tau = tau
         return f.to(scores.dtype)
@@ -77,10 +114,7 @@ class SoftTopK(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         (f,) = ctx.saved_tensors
-        s = f * (1 - f)
-        g = grad.to(f.dtype)
-        proj = (g * s).sum(dim=-1, keepdim=True) / s.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(f.dtype).tiny)
-        return (s * (g - proj) / ctx.tau).to(grad.dtype), None, None
+        return _project(grad, f, ctx.tau, None, 0), None, None
 
 
 def soft_topk(scores: Tensor, k: int, tau: float) -> Tensor:
@@ -90,3 +124,105 @@ def soft_topk(scores: Tensor, k: int, tau: float) -> Tensor:
         return out.squeeze(0)
     out2: Tensor = SoftTopK.apply(scores, k, tau)
     return out2
+
+
+# -- per-layer floors ---------------------------------------------------------------------------------------
+class Floors:
+    """Which unit each flat score belongs to and the fewest groups each unit keeps (host-side constants)."""
+
+    def __init__(self, sizes: list[int], floors: list[int], device: torch.device | None = None,
+                 exact_grad: bool = False) -> None:
+        assert len(sizes) == len(floors) and sizes, "one floor per unit"
+        self.exact_grad = exact_grad  # False: straight-through backward (see SoftTopKFloors.backward)
+        assert all(1 <= r <= n for r, n in zip(floors, sizes, strict=True)), f"floors {floors} vs sizes {sizes}"
+        self.sizes, self.floors, self.units = sizes, floors, len(sizes)
+        self.total = sum(floors)
+        self.seg = torch.repeat_interleave(torch.arange(self.units, device=device), torch.tensor(sizes, device=device))
+        offsets = [0]
+        for n in sizes[:-1]:
+            offsets.append(offsets[-1] + n)
+        self.full = torch.tensor([r >= n for r, n in zip(floors, sizes, strict=True)], device=device)
+        # flat positions (in unit-major, descending-within-unit order) of each unit's r-th and (r+1)-th largest
+        self.at_r = torch.tensor([o + r - 1 for o, r in zip(offsets, floors, strict=True)], device=device)
+        self.at_r1 = torch.tensor([o + min(r, n - 1) for o, r, n in zip(offsets, floors, sizes, strict=True)],
+                                  device=device)
+        self.r = torch.tensor(floors, dtype=torch.float64, device=device)
+        n_t = torch.tensor(sizes, dtype=torch.float64, device=device)
+        # log(n - r) and log(r) of each unit's bracket; full units get a dummy 0-width bracket (their shift is +inf)
+        self.log_rest = torch.where(self.full, 0.0, torch.log((n_t - self.r).clamp_min(1)))
+        self.log_r = torch.log(self.r)
+
+    def to(self, device: torch.device) -> Floors:
+        if self.seg.device == device:
+            return self
+        return Floors(self.sizes, self.floors, device, self.exact_grad)
+
+    def unit_shifts(self, z: Tensor) -> Tensor:
+        """s[U]: the shift that makes each unit alone sum to its floor (+inf for units kept whole)."""
+        order = torch.argsort(z, descending=True, stable=True)
+        order = order[torch.argsort(self.seg[order], stable=True)]  # unit-major, descending within units
+        zs = z[order]
+        z_r, z_r1 = zs[self.at_r], zs[self.at_r1]
+        lo = torch.where(self.full, 0.0, -z_r - self.log_rest)
+        hi = torch.where(self.full, 0.0, -z_r1 + self.log_r)
+        seg, units = self.seg, self.units
+
+        def evaluate(t: Tensor, with_slope: bool) -> tuple[Tensor, Tensor | None]:
+            f = torch.sigmoid(z + t[seg])
+            total = torch.zeros(units, dtype=z.dtype, device=z.device).index_add_(0, seg, f)
+            slope = torch.zeros(units, dtype=z.dtype, device=z.device).index_add_(0, seg, f - f * f) \
+                if with_slope else None
+            return total, slope
+
+        s = _find_root(evaluate, lo, hi, self.r, FLOOR_BISECTION_ITERS)
+        return torch.where(self.full, math.inf, s)
+
+
+class SoftTopKFloors(torch.autograd.Function):
+    """Flat scores [N] -> soft mask [N] summing to k with at least floors[u] in every unit u."""
+
+    @staticmethod
+    def forward(ctx: Any, scores: Tensor, k: int, tau: float, floors: Floors) -> Tensor:
+        assert scores.dim() == 1, f"scores must be flat, got shape {tuple(scores.shape)}"
+        assert tau > 0, f"temperature must be positive, got {tau}"
+        n = scores.numel()
+        assert 0 < k < n, f"budget k={k} must be in (0, {n})"
+        z, top = _centre(scores.detach().double() / tau, k)
+        s_u = floors.unit_shifts(z)[floors.seg]
+        free_k = k - floors.total  # budget left once every floor is met
+        if free_k <= 0:  # the floors take the whole budget (as in geometry.select): every unit is its own problem
+            t = torch.full((1,), -math.inf, dtype=z.dtype, device=z.device)
+        else:
+            # sum(t) <= floors + sum sigmoid(z + t) and >= sum sigmoid(z + t): brackets for free_k and k
+            lo = -top[free_k - 1 : free_k] - math.log(n - free_k)
+            hi = -top[k : k + 1] + math.log(k)
+
+            def evaluate(t: Tensor, with_slope: bool) -> tuple[Tensor, Tensor | None]:
+                free = t > s_u
+                f = torch.sigmoid(z + torch.where(free, t, s_u))
+                slope = torch.where(free, f - f * f, 0.0).sum(0, keepdim=True) if with_slope else None
+                return f.sum(0, keepdim=True), slope
+
+            t = _find_root(evaluate, lo, hi, float(k), FLOOR_BISECTION_ITERS)
+        bound = s_u > t  # this unit's floor binds: it is its own top-r problem (group id = unit)
+        f = torch.sigmoid(z + torch.where(bound, s_u, t))
+        group = torch.where(bound, floors.seg, floors.units) if floors.exact_grad else torch.zeros_like(floors.seg)
+        ctx.save_for_backward(f, group)
+        ctx.tau, ctx.groups = tau, floors.units + 1
+        return f.to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        """Exact Jacobian (`exact_grad`), or straight-through the floors: one global projection as if no floor
+        bound. The exact gradient of a bound unit's mean score is zero (its floor, not the budget, fixes its
+        sum), so a layer once pinned at its floor can never win budget back (measured on block 8x8 / 0.9:
+        the last conv stayed at its 1-tile floor, 46% accuracy vs 67% without floors); straight-through
+        keeps telling it whether more budget would help."""
+        f, group = ctx.saved_tensors
+        return _project(grad, f, ctx.tau, group, ctx.groups), None, None, None
+
+
+def soft_topk_floors(scores: Tensor, k: int, tau: float, floors: Floors) -> Tensor:
+    """Soft top-k of flat scores with per-unit floors (the soft form of min_keep; module docstring)."""
+    out: Tensor = SoftTopKFloors.apply(scores, k, tau, floors.to(scores.device))
+    return out
