@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     budgets: tuple[int, ...] = tuple(int(v) for v in args.budgets.split(",")) if args.budgets else BUDGETS
     seeds: tuple[int, ...] = tuple(range(args.seeds))
     nm_budgets: tuple[int, ...] = budgets
-    timing_steps, timing_rounds = 20, 5
+    timing_steps, timing_rounds = 30, 10
     if args.quick:
         geoms, sps, budgets, seeds = ["block 4x4", "channel"], (0.9, 0.97), (100,), (0,)
         nm_budgets, timing_steps, timing_rounds = (100,), 10, 3

@@ -116,10 +116,12 @@ class SmartPruner:
         if self.dense_idx:
             if self.k <= 0:
                 flat.append(torch.ones_like(self.scores[j]))
-            elif self.floors is not None and floors:
-                flat.append(soft_topk_floors(self.scores[j], self.k, tau, self.floors))
             else:
-                flat.append(soft_topk(self.scores[j], self.k, tau))
+                mask = soft_topk(self.scores[j], self.k, tau)
+                # floors only where they bind: otherwise the floored mask is this one (same backward too)
+                if self.floors is not None and floors and self.floors.violated(mask.detach()):
+                    mask = soft_topk_floors(self.scores[j], self.k, tau, self.floors)
+                flat.append(mask)
             j += 1
         if self.nm_idx:
             assert self.nm is not None, "N:M units without a pattern"

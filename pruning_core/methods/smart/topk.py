@@ -35,19 +35,17 @@ import torch
 from torch import Tensor
 
 BISECTION_ITERS = 12  # halvings of the tight bracket (width / 4096)
-FLOOR_BISECTION_ITERS = 16  # the floors' problems (per-unit shifts; a global sum with kinks) need 4 more
 NEWTON_ITERS = 5  # then Newton clamped to the bracket: quadratic convergence to float64 precision
 # Stress set (2000-entry vectors with k = 1..1999, tied scores, 2000 4-runs; scores x1..x1000, tau 1..1e-3):
-# worst |sum - k| 2e-10 (floors: 4e-12 with 16 bisections, 3e-7 with 12). The loose bracket (score range / tau) needed
+# worst |sum - k| 2e-10 (with floors, whose global sum has kinks: 3e-7). The loose bracket (score range / tau) needed
 # 20 bisection + 6 Newton iterations; on small models op dispatch, not arithmetic, is what a SMART step pays.
 
 Evaluate = Callable[[Tensor, bool], tuple[Tensor, Tensor | None]]  # shift -> (mask sum, d sum / d shift)
 
 
-def _find_root(evaluate: Evaluate, lo: Tensor, hi: Tensor, k: Tensor | float,
-               bisections: int = BISECTION_ITERS) -> Tensor:
+def _find_root(evaluate: Evaluate, lo: Tensor, hi: Tensor, k: Tensor | float) -> Tensor:
     """Shift(s) with evaluate(t) = k for a sum increasing in t, the root bracketed by [lo, hi] (elementwise)."""
-    for _ in range(bisections):
+    for _ in range(BISECTION_ITERS):
         mid = 0.5 * (lo + hi)
         too_big = evaluate(mid, False)[0] > k
         hi = torch.where(too_big, mid, hi)
@@ -157,6 +155,13 @@ class Floors:
             return self
         return Floors(self.sizes, self.floors, device, self.exact_grad)
 
+    def violated(self, mask: Tensor) -> bool:
+        """Whether some unit of an unconstrained soft mask holds less than its floor (one host sync). If none
+        does, the floored solution is that mask itself (every s_u <= t), so the floor solve can be skipped."""
+        sums = torch.zeros(self.units, dtype=torch.float64, device=mask.device).index_add_(0, self.seg,
+                                                                                              mask.double())
+        return bool((sums < self.r - 1e-9).any())
+
     def unit_shifts(self, z: Tensor) -> Tensor:
         """s[U]: the shift that makes each unit alone sum to its floor (+inf for units kept whole)."""
         order = torch.argsort(z, descending=True, stable=True)
@@ -174,7 +179,7 @@ class Floors:
                 if with_slope else None
             return total, slope
 
-        s = _find_root(evaluate, lo, hi, self.r, FLOOR_BISECTION_ITERS)
+        s = _find_root(evaluate, lo, hi, self.r)
         return torch.where(self.full, math.inf, s)
 
 
@@ -203,7 +208,7 @@ class SoftTopKFloors(torch.autograd.Function):
                 slope = torch.where(free, f - f * f, 0.0).sum(0, keepdim=True) if with_slope else None
                 return f.sum(0, keepdim=True), slope
 
-            t = _find_root(evaluate, lo, hi, float(k), FLOOR_BISECTION_ITERS)
+            t = _find_root(evaluate, lo, hi, float(k))
         bound = s_u > t  # this unit's floor binds: it is its own top-r problem (group id = unit)
         f = torch.sigmoid(z + torch.where(bound, s_u, t))
         group = torch.where(bound, floors.seg, floors.units) if floors.exact_grad else torch.zeros_like(floors.seg)
