@@ -40,6 +40,10 @@ NEWTON_ITERS = 5  # then Newton clamped to the bracket: quadratic convergence to
 # worst |sum - k| 2e-10 (with floors, whose global sum has kinks: 3e-7). The loose bracket (score range / tau) needed
 # 20 bisection + 6 Newton iterations; on small models op dispatch, not arithmetic, is what a SMART step pays.
 
+TINY_MASK = 1e-30  # mask values below this become exactly 0: float32 denormals (< 1.2e-38) made a SMART step at
+# tau <= 0.02 up to 4x slower on CPU (weights x denormal masks in conv forward and backward); the budget moves by
+# at most N * 1e-30
+
 Evaluate = Callable[[Tensor, bool], tuple[Tensor, Tensor | None]]  # shift -> (mask sum, d sum / d shift)
 
 
@@ -77,6 +81,10 @@ def _centre(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return z - mid, top - mid
 
 
+def _flush_tiny(f: Tensor) -> Tensor:
+    return torch.where(f < TINY_MASK, 0.0, f)
+
+
 def _project(grad: Tensor, f: Tensor, tau: float, group: Tensor | None, groups: int) -> Tensor:
     """(1 / tau) * s * (g - <g, s>_c / sum_c s) with s = f (1 - f), per row or per group id c (flat)."""
     s = f * (1 - f)
@@ -104,7 +112,7 @@ class SoftTopK(torch.autograd.Function):
         # at tau = 1e-3 left the solver 7e-4 off (measured), and float32 was not measurably faster on CPU
         z, top = _centre(scores.detach().double() / tau, k)
         lo, hi = _bracket(top[..., k - 1 : k], top[..., k : k + 1], k, n)
-        f = torch.sigmoid(z + _find_root(_sigmoid_sums(z), lo, hi, float(k)))
+        f = _flush_tiny(torch.sigmoid(z + _find_root(_sigmoid_sums(z), lo, hi, float(k))))
         ctx.save_for_backward(f)
         ctx.tau = tau
         return f.to(scores.dtype)
@@ -210,7 +218,7 @@ class SoftTopKFloors(torch.autograd.Function):
 
             t = _find_root(evaluate, lo, hi, float(k))
         bound = s_u > t  # this unit's floor binds: it is its own top-r problem (group id = unit)
-        f = torch.sigmoid(z + torch.where(bound, s_u, t))
+        f = _flush_tiny(torch.sigmoid(z + torch.where(bound, s_u, t)))
         group = torch.where(bound, floors.seg, floors.units) if floors.exact_grad else torch.zeros_like(floors.seg)
         ctx.save_for_backward(f, group)
         ctx.tau, ctx.groups = tau, floors.units + 1
