@@ -34,11 +34,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-BISECTION_ITERS = 12  # halvings of the tight bracket (width / 4096)
+BISECTION_ITERS = 8  # halvings of the tight bracket (width / 256) before Newton
+FLOOR_BISECTION_ITERS = 12  # the floors' problems (per-unit shifts; a global sum with kinks) need 4 more
 NEWTON_ITERS = 5  # then Newton clamped to the bracket: quadratic convergence to float64 precision
 # Stress set (2000-entry vectors with k = 1..1999, tied scores, 2000 4-runs; scores x1..x1000, tau 1..1e-3):
-# worst |sum - k| 2e-10 (with floors, whose global sum has kinks: 3e-7). The loose bracket (score range / tau) needed
-# 20 bisection + 6 Newton iterations; on small models op dispatch, not arithmetic, is what a SMART step pays.
+# worst |sum - k| 2e-10 (floors, whose global sum has kinks, with 12 bisections: 3e-7; with 10: 1e-3).
+# The loose bracket (score range / tau) needed 20 bisection + 6 Newton iterations; on small models op dispatch,
+# not arithmetic, is what a SMART step pays.
 
 TINY_MASK = 1e-30  # mask values below this become exactly 0: float32 denormals (< 1.2e-38) made a SMART step at
 # tau <= 0.02 up to 4x slower on CPU (weights x denormal masks in conv forward and backward); the budget moves by
@@ -47,9 +49,10 @@ TINY_MASK = 1e-30  # mask values below this become exactly 0: float32 denormals 
 Evaluate = Callable[[Tensor, bool], tuple[Tensor, Tensor | None]]  # shift -> (mask sum, d sum / d shift)
 
 
-def _find_root(evaluate: Evaluate, lo: Tensor, hi: Tensor, k: Tensor | float) -> Tensor:
+def _find_root(evaluate: Evaluate, lo: Tensor, hi: Tensor, k: Tensor | float,
+               bisections: int = BISECTION_ITERS) -> Tensor:
     """Shift(s) with evaluate(t) = k for a sum increasing in t, the root bracketed by [lo, hi] (elementwise)."""
-    for _ in range(BISECTION_ITERS):
+    for _ in range(bisections):
         mid = 0.5 * (lo + hi)
         too_big = evaluate(mid, False)[0] > k
         hi = torch.where(too_big, mid, hi)
@@ -187,7 +190,7 @@ class Floors:
                 if with_slope else None
             return total, slope
 
-        s = _find_root(evaluate, lo, hi, self.r)
+        s = _find_root(evaluate, lo, hi, self.r, FLOOR_BISECTION_ITERS)
         return torch.where(self.full, math.inf, s)
 
 
@@ -216,7 +219,7 @@ class SoftTopKFloors(torch.autograd.Function):
                 slope = torch.where(free, f - f * f, 0.0).sum(0, keepdim=True) if with_slope else None
                 return f.sum(0, keepdim=True), slope
 
-            t = _find_root(evaluate, lo, hi, float(k))
+            t = _find_root(evaluate, lo, hi, float(k), FLOOR_BISECTION_ITERS)
         bound = s_u > t  # this unit's floor binds: it is its own top-r problem (group id = unit)
         f = _flush_tiny(torch.sigmoid(z + torch.where(bound, s_u, t)))
         group = torch.where(bound, floors.seg, floors.units) if floors.exact_grad else torch.zeros_like(floors.seg)
