@@ -1,4 +1,4 @@
-"""Reliability: a heartbeat on running jobs (worker/sweeper.py) and Idempotency-Key on job submission.
+"""Reliability: a heartbeat on running jobs (lifecycle/sweeper.py) and Idempotency-Key on job submission.
 
 Revision ID: 0003_reliability
 Revises: 0002_webhooks
