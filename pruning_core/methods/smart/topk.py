@@ -222,7 +222,7 @@ class SoftTopKFloors(torch.autograd.Function):
             t = _find_root(evaluate, lo, hi, float(k), FLOOR_BISECTION_ITERS)
         bound = s_u > t  # this unit's floor binds: it is its own top-r problem (group id = unit)
         f = _flush_tiny(torch.sigmoid(z + torch.where(bound, s_u, t)))
-        group = torch.where(bound, floors.seg, floors.units) if floors.exact_grad else torch.zeros_like(floors.seg)
+        group = torch.where(bound, floors.seg, floors.units) if floors.exact_grad else None  # None: one global group
         ctx.save_for_backward(f, group)
         ctx.tau, ctx.groups = tau, floors.units + 1
         return f.to(scores.dtype)
