@@ -41,6 +41,7 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None, sweep: 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await reads.start()
         start = getattr(dispatcher, "start", None)
         if start is not None:
             start()
@@ -53,6 +54,7 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None, sweep: 
         stop = getattr(dispatcher, "stop", None)
         if stop is not None:
             stop()
+        await reads.close()
         engine.dispose()
 
     app = FastAPI(title="hwprune", version="1", lifespan=lifespan,
@@ -60,7 +62,8 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None, sweep: 
                               "download the pruned ONNX and its report. Auth: `Authorization: Bearer <key>`.")
     app.state.settings = settings
     app.state.engine = engine
-    app.state.reads = reads = ReadPool(engine)  # hot single-statement reads (api/reads.py)
+    # hot single-statement reads, on the event loop where the driver allows (api/reads.py)
+    app.state.reads = reads = ReadPool(engine, ping_idle_s=settings.db_ping_idle_s)
     app.state.auth = Authenticator(reads, settings.auth_cache_s, settings.auth_cache_size)
     app.state.session_factory = make_session_factory(engine)
     app.state.store = ArtifactStore(settings.data_dir)
@@ -86,10 +89,14 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None, sweep: 
 
 def create_worker_app() -> FastAPI:
     """uvicorn factory (`api.app:create_worker_app`) for each process of `hwprune serve --workers N`: settings
-    from the environment, Celery dispatch (N > 1 needs a broker), no sweeper (the supervisor runs it)."""
+    from the environment, Celery dispatch (N > 1 needs a broker), no sweeper (the supervisor runs it); startup
+    objects frozen as in single-process `serve` (api/gc_tuning.py)."""
+    from api.gc_tuning import freeze_startup_objects
     from hwprune.settings import get_settings
 
-    return create_app(get_settings(), sweep=False)
+    app = create_app(get_settings(), sweep=False)
+    freeze_startup_objects()
+    return app
 
 
 def start_sweeper(settings: Settings, factory: sessionmaker[Session], dispatcher: Dispatcher | None = None

@@ -17,8 +17,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.exc import InvalidatePoolError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -42,6 +43,24 @@ def make_engine(url: str, ping_idle_s: float | None = None, **kw: Any) -> Engine
     engine = create_engine(url, **kw)
     if ping_idle_s is not None:
         _ping_when_idle(engine, ping_idle_s)
+    return engine
+
+
+def async_capable(url: str) -> bool:
+    """True for PostgreSQL through psycopg (3), whose asyncio connection `make_async_engine` can use; SQLite and
+    other drivers keep to threads."""
+    u = make_url(url)
+    return u.get_backend_name() == "postgresql" and u.get_driver_name() in ("psycopg", "psycopg_async")
+
+
+def make_async_engine(url: str, ping_idle_s: float | None = None, **kw: Any) -> AsyncEngine:
+    """The asyncio twin of `make_engine` for PostgreSQL (see `async_capable`): the API's single-statement reads
+    run on its event loop with no worker-thread hop. Same idle-only pinging."""
+    assert async_capable(url), f"no asyncio driver for {make_url(url).drivername}"
+    kw.setdefault("pool_pre_ping", ping_idle_s is None)
+    engine = create_async_engine(url, **kw)
+    if ping_idle_s is not None:
+        _ping_when_idle(engine.sync_engine, ping_idle_s)
     return engine
 
 

@@ -67,6 +67,7 @@ def serve(
     import uvicorn
 
     from api.app import create_app
+    from api.gc_tuning import freeze_startup_objects
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -94,6 +95,7 @@ def serve(
     if key:
         typer.echo("first API key (tenant 'default'; shown once, store it now):")
         typer.echo(key)
+    freeze_startup_objects()
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 

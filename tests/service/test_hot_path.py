@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import anyio
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import update
@@ -15,6 +16,7 @@ from sqlalchemy import update
 from api.app import create_app
 from api.auth import KeyCache
 from api.dispatch import CeleryDispatcher
+from api.reads import ReadPool
 from api.schemas import JobOut
 from db.keys import KeyOwner, hash_key
 from db.models import ApiKey, Job, ModelRecord, utcnow
@@ -150,3 +152,24 @@ def test_status_poll_body_is_exactly_the_documented_jobout(pg_url: str, redis_ur
         assert client.get(f"/v1/jobs/{'0' * 32}", headers={"Authorization": f"Bearer {key}"}).status_code == 404
         other = add_key(pg_url, "poll-body-other")
         assert client.get(f"/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {other}"}).status_code == 404
+
+
+@pytest.mark.services
+def test_postgres_hot_reads_run_on_the_event_loop_without_a_thread(pg_url: str, redis_url: str, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """On PostgreSQL (psycopg) the key check, the status poll and /healthz read through the asyncio engine: the
+    thread-hop path (`ReadPool.call`) must not run; without the lifespan (no event loop of its own) it does."""
+    key = add_key(pg_url, "on-the-loop")
+    h = {"Authorization": f"Bearer {key}"}
+    calls: list[int] = []
+    original = ReadPool.call
+    monkeypatch.setattr(ReadPool, "call", lambda self, fn: calls.append(1) or original(self, fn))
+    with _client(pg_url, redis_url, tmp_path, auth_cache_s=0) as client:
+        assert client.app.state.reads.aengine is not None  # type: ignore[attr-defined]
+        assert client.get(f"/v1/jobs/{'0' * 32}", headers=h).status_code == 404
+        assert client.get("/healthz").status_code == 200
+        assert calls == [], "a hot read took the worker-thread path"
+    assert client.app.state.reads.aengine is None, "the lifespan's end disposes the asyncio engine"  # type: ignore[attr-defined]
+    unstarted = ReadPool(make_engine(pg_url))  # no lifespan ran start(): one thread hop per read
+    assert anyio.run(unstarted.run, lambda conn: conn.exec_driver_sql("SELECT 1").scalar()) == 1
+    assert calls == [1]
