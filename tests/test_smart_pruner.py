@@ -210,3 +210,21 @@ def test_soft_masks_keep_each_layer_floor_in_the_second_half_only() -> None:
     # the floor solve is exact to ~1e-7 (topk.py), 1e-4 is the budget requirement of the issue
     assert all(s >= f - 1e-4 for s, f in zip(floored, floors, strict=True)), (floored, floors)
     assert abs(sum(floored) - pruner.k) < 1e-4
+    # A floor bound, so the next step solves with floors directly, skipping the plain solve (a shortcut, not a
+    # different answer): the masks equal those of the plain-then-floors path.
+    assert pruner.floors_bound
+    direct = [m.detach().clone() for m in pruner.soft_masks(tau)]
+    pruner.floors_bound = False
+    two_solves = [m.detach() for m in pruner.soft_masks(tau)]
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(direct, two_solves, strict=True))
+    assert pruner.floors_bound, "the plain solve broke a floor again"
+    # Once no floor binds any more, the direct floored solve says so and the next step goes back to the plain one.
+    with torch.no_grad():  # the k best groups now include floors[u] of every unit: no floor binds
+        scores.fill_(-5.0)
+        start = 0
+        for u, f in zip(plan.units, floors, strict=True):
+            scores[start : start + f] = 5.0
+            start += u.num_groups
+        scores[start - (pruner.k - sum(floors)) : start] = 5.0  # the rest of the budget: the last unit's tail
+    pruner.soft_masks(tau)
+    assert not pruner.floors_bound

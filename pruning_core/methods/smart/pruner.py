@@ -28,7 +28,7 @@ from pruning_core.geometry import PruningPlan, PruningUnit
 from pruning_core.geometry.select import min_kept
 from pruning_core.methods.smart.config import SmartConfig
 from pruning_core.methods.smart.temperature import Temperature
-from pruning_core.methods.smart.topk import Floors, soft_topk, soft_topk_floors
+from pruning_core.methods.smart.topk import Floors, soft_topk, soft_topk_floors, soft_topk_floors_bound
 from pruning_core.progress import Progress, StageProgress
 from pruning_core.spec import PruneSpec
 from pruning_core.train import TrainConfig, train_steps
@@ -76,6 +76,7 @@ class SmartPruner:
         self.k = min(max(round((1.0 - sparsity) * n_dense), 1), n_dense - 1) if n_dense > 1 else 0
         self.scores: list[nn.Parameter] = []  # [dense scores] and/or [N:M scores], flat
         self.floors: Floors | None = None  # per-unit min_keep floors of the soft top-k (config.soft_floors)
+        self.floors_bound = False  # a floor bound at the last floored step (skip the plain solve next time)
         self.hard: list[Tensor] | None = None
         self.last: dict[str, float] = {}
 
@@ -116,11 +117,18 @@ class SmartPruner:
         if self.dense_idx:
             if self.k <= 0:
                 flat.append(torch.ones_like(self.scores[j]))
+            elif self.floors is not None and floors and self.floors_bound:
+                # they bound at the last step and scores move little per step: solve with floors directly (its
+                # solution is the plain one whenever no floor binds) and see whether they still bind
+                mask, bound = soft_topk_floors_bound(self.scores[j], self.k, tau, self.floors)
+                self.floors_bound = bool(bound)
+                flat.append(mask)
             else:
                 mask = soft_topk(self.scores[j], self.k, tau)
                 # floors only where they bind: otherwise the floored mask is this one (same backward too)
                 if self.floors is not None and floors and self.floors.violated(mask.detach()):
                     mask = soft_topk_floors(self.scores[j], self.k, tau, self.floors)
+                    self.floors_bound = True
                 flat.append(mask)
             j += 1
         if self.nm_idx:

@@ -34,13 +34,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-BISECTION_ITERS = 8  # halvings of the tight bracket (width / 256) before Newton
-FLOOR_BISECTION_ITERS = 12  # the floors' problems (per-unit shifts; a global sum with kinks) need 4 more
-NEWTON_ITERS = 5  # then Newton clamped to the bracket: quadratic convergence to float64 precision
-# Stress set (2000-entry vectors with k = 1..1999, tied scores, 2000 4-runs; scores x1..x1000, tau 1..1e-3):
-# worst |sum - k| 2e-10 (floors, whose global sum has kinks, with 12 bisections: 3e-7; with 10: 1e-3).
+BISECTION_ITERS = 6  # halvings of the tight bracket (width / 64) before Newton
+NEWTON_ITERS = 4  # then Newton clamped to the bracket: quadratic convergence to float64 precision
+FLOOR_BISECTION_ITERS, FLOOR_NEWTON_ITERS = 12, 5  # the floors' problems (per-unit shifts; a global sum with
+#   kinks) need more
+# Stress set (tests/test_smart_topk.py::test_hard_score_distributions_keep_the_budget and its neighbours: 2000-
+# and 20000-entry vectors, k = 1..n-1, ties, two far clusters, Cauchy tails, 4- and 8-runs; scores x1..x1000,
+# tau 1..1e-3): worst |sum - k| 2e-12 with 6 + 4; one iteration fewer of either: 2e-12 (5 + 4) and 8e-9
+# (6 + 3); 3 + 4 reached 3e-6 and 2 + 4 4e-2. Floors: 3e-7 with 12 + 5 (with 10 bisections: 1e-3).
 # The loose bracket (score range / tau) needed 20 bisection + 6 Newton iterations; on small models op dispatch,
-# not arithmetic, is what a SMART step pays.
+# not arithmetic, is what a SMART step pays, so every iteration counts.
+
+SHORT_ROW = 8  # rows this short (N:M runs, M <= 8) are solved column-major, see `_solve_short_rows`
+SHORT_ROW_CLIP = 40.0  # float32 short rows: centred arguments clipped here (no denormal sigmoids)
 
 TINY_MASK = 1e-30  # mask values below this become exactly 0: float32 denormals (< 1.2e-38) made a SMART step at
 # tau <= 0.02 up to 4x slower on CPU (weights x denormal masks in conv forward and backward); the budget moves by
@@ -50,25 +56,27 @@ Evaluate = Callable[[Tensor, bool], tuple[Tensor, Tensor | None]]  # shift -> (m
 
 
 def _find_root(evaluate: Evaluate, lo: Tensor, hi: Tensor, k: Tensor | float,
-               bisections: int = BISECTION_ITERS) -> Tensor:
+               bisections: int = BISECTION_ITERS, newtons: int = NEWTON_ITERS) -> Tensor:
     """Shift(s) with evaluate(t) = k for a sum increasing in t, the root bracketed by [lo, hi] (elementwise)."""
-    for _ in range(bisections):
-        mid = 0.5 * (lo + hi)
-        too_big = evaluate(mid, False)[0] > k
-        hi = torch.where(too_big, mid, hi)
-        lo = torch.where(too_big, lo, mid)
-    t = 0.5 * (lo + hi)
-    for _ in range(NEWTON_ITERS):
+    # Bisection as a walk of the midpoint: after j halvings the root is within +-h0 / 2^j of t, and the next
+    # midpoint is t -+ h0 / 2^(j+1) by the sign of the residual (one fused op instead of a compare and two
+    # `where`s per iteration; at an exact root the sign is 0 and t stays).
+    t, h0 = 0.5 * (lo + hi), 0.5 * (hi - lo)
+    for j in range(1, bisections + 1):
+        t = torch.addcmul(t, torch.sign(evaluate(t, False)[0] - k), h0, value=-(0.5**j))
+    lo, hi = t - h0 * 0.5**bisections, t + h0 * 0.5**bisections
+    for _ in range(newtons):
         total, slope = evaluate(t, True)
         assert slope is not None
-        t = torch.minimum(torch.maximum(t - (total - k) / slope.clamp_min(1e-300), lo), hi)
+        t = torch.clamp(torch.addcdiv(t, total - k, slope.clamp_min(torch.finfo(t.dtype).tiny), value=-1.0), lo, hi)
     return t
 
 
-def _sigmoid_sums(z: Tensor) -> Evaluate:
+def _sigmoid_sums(z: Tensor, dim: int = -1) -> Evaluate:
     def evaluate(t: Tensor, with_slope: bool) -> tuple[Tensor, Tensor | None]:
         f = torch.sigmoid(z + t)
-        return f.sum(dim=-1, keepdim=True), (f - f * f).sum(dim=-1, keepdim=True) if with_slope else None
+        slope = torch.addcmul(f, f, f, value=-1.0).sum(dim=dim, keepdim=True) if with_slope else None
+        return f.sum(dim=dim, keepdim=True), slope
     return evaluate
 
 
@@ -84,17 +92,57 @@ def _centre(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return z - mid, top - mid
 
 
+def _kth_pair_of_columns(zt: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """k-th and (k+1)-th largest of every column of a short [n, R] tensor, each [1, R]: odd-even transposition
+    sort of the n rows (n passes of elementwise max / min over whole rows). For n = 4 this is 12 vector ops;
+    `torch.topk` along a dimension of size 4 cost ~10x more (per-row kernel overhead)."""
+    v = list(zt.unbind(0))
+    n = len(v)
+    for p in range(n):
+        for i in range(p % 2, n - 1, 2):
+            v[i], v[i + 1] = torch.maximum(v[i], v[i + 1]), torch.minimum(v[i], v[i + 1])
+    return v[k - 1].unsqueeze(0), v[k].unsqueeze(0)
+
+
+def _solve_short_rows(scores: Tensor, k: int, tau: float) -> Tensor:
+    """Soft masks of many short rows ([R, n], n <= SHORT_ROW), returned column-major as [n, R].
+
+    Same centring, bracket and iterations as the row-major path, on the transpose: the per-row sums, the
+    shift's broadcast and the top-k of a [R, 4] tensor are reductions over a tiny innermost dimension, which
+    PyTorch's CPU kernels run ~6x slower than the same arithmetic over contiguous rows of length R. Solved in
+    the scores' own precision: a row sums only n <= 8 terms, so float32 keeps each within ~1e-6 of N (float64
+    is for the global budget's thousands of terms) at half the cost. 2:4 on 10k runs, one thread: 5.5 ms ->
+    ~1.1 ms per forward + backward."""
+    n = scores.shape[-1]
+    dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    zt = (scores.detach().to(dtype) / tau).t().contiguous()
+    z_k, z_k1 = _kth_pair_of_columns(zt, k)
+    mid = 0.5 * (z_k + z_k1)
+    zt, z_k, z_k1 = zt - mid, z_k - mid, z_k1 - mid
+    if dtype == torch.float32:
+        # At low tau most arguments are far out, and sigmoid below -87 is a float32 denormal, which made every
+        # solver op ~2x slower. Clipped at +-40 (clip is monotone, so the bracket stays right) the shift stays
+        # within +-(40 + log k) and every sigmoid above 4e-36; a clipped entry's mask moves by < e^-40, below
+        # float32's resolution near 0 and 1.
+        c = SHORT_ROW_CLIP
+        zt, z_k, z_k1 = zt.clamp_(-c, c), z_k.clamp(-c, c), z_k1.clamp(-c, c)
+    lo, hi = _bracket(z_k, z_k1, k, n)
+    return _flush_tiny(torch.sigmoid(zt + _find_root(_sigmoid_sums(zt, dim=0), lo, hi, float(k))))
+
+
 def _flush_tiny(f: Tensor) -> Tensor:
-    return torch.where(f < TINY_MASK, 0.0, f)
+    """In place on the solver's own fresh tensor."""
+    return f.masked_fill_(f < TINY_MASK, 0.0)
 
 
-def _project(grad: Tensor, f: Tensor, tau: float, group: Tensor | None, groups: int) -> Tensor:
-    """(1 / tau) * s * (g - <g, s>_c / sum_c s) with s = f (1 - f), per row or per group id c (flat)."""
+def _project(grad: Tensor, f: Tensor, tau: float, group: Tensor | None, groups: int, dim: int = -1) -> Tensor:
+    """(1 / tau) * s * (g - <g, s>_c / sum_c s) with s = f (1 - f), per row (rows along `dim`) or per group id c
+    (flat)."""
     s = f * (1 - f)
     g = grad.to(f.dtype)
     tiny = torch.finfo(f.dtype).tiny
     if group is None:
-        proj = (g * s).sum(dim=-1, keepdim=True) / s.sum(dim=-1, keepdim=True).clamp_min(tiny)
+        proj = (g * s).sum(dim=dim, keepdim=True) / s.sum(dim=dim, keepdim=True).clamp_min(tiny)
     else:
         num = torch.zeros(groups, dtype=f.dtype, device=f.device).index_add_(0, group, g * s)
         den = torch.zeros(groups, dtype=f.dtype, device=f.device).index_add_(0, group, s)
@@ -111,18 +159,25 @@ class SoftTopK(torch.autograd.Function):
         assert tau > 0, f"temperature must be positive, got {tau}"
         n = scores.shape[-1]
         assert 0 < k < n, f"budget k={k} must be in (0, {n}) (k = 0 or N has no soft mask to learn)"
+        ctx.tau = tau
+        ctx.columns = scores.shape[0] > 1 and n <= SHORT_ROW
+        if ctx.columns:  # N:M runs
+            ft = _solve_short_rows(scores, k, tau)
+            ctx.save_for_backward(ft)
+            return ft.to(scores.dtype).t().contiguous()
         # float64: sums over thousands of entries must stay within 1e-4 of k; in float32 near-saturated rows
         # at tau = 1e-3 left the solver 7e-4 off (measured), and float32 was not measurably faster on CPU
         z, top = _centre(scores.detach().double() / tau, k)
         lo, hi = _bracket(top[..., k - 1 : k], top[..., k : k + 1], k, n)
         f = _flush_tiny(torch.sigmoid(z + _find_root(_sigmoid_sums(z), lo, hi, float(k))))
         ctx.save_for_backward(f)
-        ctx.tau = tau
         return f.to(scores.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         (f,) = ctx.saved_tensors
+        if ctx.columns:  # f is [n, R]: the same projection over columns (contiguous), handed back as [R, n]
+            return _project(grad.t().contiguous(), f, ctx.tau, None, 0, dim=0).t().contiguous(), None, None
         return _project(grad, f, ctx.tau, None, 0), None, None
 
 
@@ -190,15 +245,16 @@ class Floors:
                 if with_slope else None
             return total, slope
 
-        s = _find_root(evaluate, lo, hi, self.r, FLOOR_BISECTION_ITERS)
+        s = _find_root(evaluate, lo, hi, self.r, FLOOR_BISECTION_ITERS, FLOOR_NEWTON_ITERS)
         return torch.where(self.full, math.inf, s)
 
 
 class SoftTopKFloors(torch.autograd.Function):
-    """Flat scores [N] -> soft mask [N] summing to k with at least floors[u] in every unit u."""
+    """Flat scores [N] -> soft mask [N] summing to k with at least floors[u] in every unit u, and whether any
+    floor bound."""
 
     @staticmethod
-    def forward(ctx: Any, scores: Tensor, k: int, tau: float, floors: Floors) -> Tensor:
+    def forward(ctx: Any, scores: Tensor, k: int, tau: float, floors: Floors) -> tuple[Tensor, Tensor]:
         assert scores.dim() == 1, f"scores must be flat, got shape {tuple(scores.shape)}"
         assert tau > 0, f"temperature must be positive, got {tau}"
         n = scores.numel()
@@ -219,16 +275,18 @@ class SoftTopKFloors(torch.autograd.Function):
                 slope = torch.where(free, f - f * f, 0.0).sum(0, keepdim=True) if with_slope else None
                 return f.sum(0, keepdim=True), slope
 
-            t = _find_root(evaluate, lo, hi, float(k), FLOOR_BISECTION_ITERS)
+            t = _find_root(evaluate, lo, hi, float(k), FLOOR_BISECTION_ITERS, FLOOR_NEWTON_ITERS)
         bound = s_u > t  # this unit's floor binds: it is its own top-r problem (group id = unit)
         f = _flush_tiny(torch.sigmoid(z + torch.where(bound, s_u, t)))
         group = torch.where(bound, floors.seg, floors.units) if floors.exact_grad else None  # None: one global group
         ctx.save_for_backward(f, group)
         ctx.tau, ctx.groups = tau, floors.units + 1
-        return f.to(scores.dtype)
+        any_bound = bound.any()
+        ctx.mark_non_differentiable(any_bound)
+        return f.to(scores.dtype), any_bound
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+    def backward(ctx: Any, grad: Tensor, _grad_bound: Tensor | None = None) -> tuple[Tensor, None, None, None]:
         """Exact Jacobian (`exact_grad`), or straight-through the floors: one global projection as if no floor
         bound. The exact gradient of a bound unit's mean score is zero (its floor, not the budget, fixes its
         sum), so a layer once pinned at its floor can never win budget back (measured on block 8x8 / 0.9:
@@ -238,7 +296,13 @@ class SoftTopKFloors(torch.autograd.Function):
         return _project(grad, f, ctx.tau, group, ctx.groups), None, None, None
 
 
+def soft_topk_floors_bound(scores: Tensor, k: int, tau: float, floors: Floors) -> tuple[Tensor, Tensor]:
+    """`soft_topk_floors` and whether some floor bound (a 0-d bool tensor; when none did, the mask is the plain
+    `soft_topk` one)."""
+    out: tuple[Tensor, Tensor] = SoftTopKFloors.apply(scores, k, tau, floors.to(scores.device))
+    return out
+
+
 def soft_topk_floors(scores: Tensor, k: int, tau: float, floors: Floors) -> Tensor:
     """Soft top-k of flat scores with per-unit floors (the soft form of min_keep; module docstring)."""
-    out: Tensor = SoftTopKFloors.apply(scores, k, tau, floors.to(scores.device))
-    return out
+    return soft_topk_floors_bound(scores, k, tau, floors)[0]
