@@ -2,9 +2,10 @@
 
 Soft mask f_i = sigmoid(m_i / tau + t), with the scalar shift t chosen so that sum_i f_i = k exactly.
 t is found on the device with a fixed number of iterations (bisection, then Newton clamped to the
-bracket; no `.item()`, no host sync). Solved in float64 so the budget holds to ~1e-9 even
-for tau = 1e-3 and wide score ranges. Scores are centred between the k-th and (k+1)-th largest values first,
-so arguments near the threshold are O(1) and keep full precision however large m / tau is.
+bracket; no `.item()`, no host sync). The global budget is solved in float64, so it holds to ~1e-9 even
+for tau = 1e-3 and wide score ranges; short N:M rows in the scores' own precision (`_solve_short_rows`).
+Scores are centred between the k-th and (k+1)-th largest values first, so arguments near the threshold are
+O(1) and keep full precision however large m / tau is.
 
 The bracket is tight, so few iterations suffice: with z_(k) the k-th largest argument, the root lies in
 [-z_(k) - log(n - k), -z_(k+1) + log(k)] (below it the k - 1 largest terms plus n - k + 1 terms of at most
@@ -111,8 +112,8 @@ def _solve_short_rows(scores: Tensor, k: int, tau: float) -> Tensor:
     shift's broadcast and the top-k of a [R, 4] tensor are reductions over a tiny innermost dimension, which
     PyTorch's CPU kernels run ~6x slower than the same arithmetic over contiguous rows of length R. Solved in
     the scores' own precision: a row sums only n <= 8 terms, so float32 keeps each within ~1e-6 of N (float64
-    is for the global budget's thousands of terms) at half the cost. 2:4 on 10k runs, one thread: 5.5 ms ->
-    ~1.1 ms per forward + backward."""
+    is for the global budget's thousands of terms) at half the cost. 2:4 on 10k runs, one thread, forward +
+    backward: 5.5-7.5 ms -> 1.6-2.9 ms (docs/benchmarks/quality.md)."""
     n = scores.shape[-1]
     dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
     zt = (scores.detach().to(dtype) / tau).t().contiguous()
