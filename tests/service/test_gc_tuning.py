@@ -40,9 +40,10 @@ def test_serving_freezes_startup_objects_and_still_collects_new_garbage(tmp_path
                        cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    # The app's imports leave ~100k objects; what a collection still walks afterwards must be a small remainder
-    # (the probe's own few objects), not a share of them: 1% leaves room for interpreter-version differences.
+    # The app's imports leave ~100k objects; nearly all of them are frozen (a handful may die in between: the
+    # collect() inside freezing, temporaries of the count itself), and what a collection still walks afterwards
+    # is a small remainder, not a share of them: 1% leaves room for interpreter-version differences.
     assert out["before"] > 20_000, out
-    assert out["frozen"] >= out["before"], out
+    assert out["frozen"] > 0.99 * out["before"], out
     assert out["after"] < out["before"] / 100, out
     assert out["cycle_collected"], "a reference cycle made after the freeze must still be collected"
