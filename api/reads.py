@@ -16,7 +16,7 @@ drops the other's connections too, so a restart costs one failed request, not on
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import anyio
 import anyio.to_thread
@@ -60,7 +60,7 @@ class ReadPool:
         if ctx.is_disconnect and self.aengine is not None:
             self.aengine.sync_engine.dispose(close=False)  # no I/O on sockets known to be dead
 
-    def _on_async_error(self, ctx: ExceptionContext) -> Any:
+    def _on_async_error(self, ctx: ExceptionContext) -> None:
         if ctx.is_disconnect:
             self.sync_engine.dispose(close=False)
 

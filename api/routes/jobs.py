@@ -122,8 +122,9 @@ def list_jobs(session: SessionDep, tenant: TenantDep, limit: LimitQ = 50, cursor
 @router.get("/{job_id}", response_model=JobOut, summary="One job: status, progress, stage, metrics, error")
 async def get_job(job_id: str, request: Request, tenant: TenantDep) -> Response:
     # The status poll, the API's hottest route (a comment, not a docstring: that would change the OpenAPI text).
-    # Async with one threadpool hop: the tenant comes from the key cache (api/auth.py), the row from one SELECT on
-    # an autocommit connection (api/reads.py: no Session, no BEGIN/ROLLBACK), and the JSON is built once;
+    # Async: the tenant comes from the key cache (api/auth.py), the row from one SELECT on an autocommit
+    # connection (api/reads.py: on the event loop on PostgreSQL, one thread hop elsewhere; no Session, no
+    # BEGIN/ROLLBACK), and the JSON is built once;
     # `response_model` documents the body, FastAPI does not validate it again.
     reads: ReadPool = request.app.state.reads
     body = await reads.run(partial(_job_json, tenant_id=tenant.id, job_id=job_id))

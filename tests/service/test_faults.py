@@ -179,9 +179,10 @@ def test_postgres_down_is_503_with_retry_after_and_recovers(tmp_path: Path, redi
         key = add_key(pg.url, "pg-restart")
         h = {"Authorization": f"Bearer {key}"}
 
-        def app(ping_idle_s: float) -> TestClient:
+        def app(ping_idle_s: float, auth_cache_s: float = 0) -> TestClient:
             settings = Settings(database_url=pg.url, broker_url=redis_url, data_dir=tmp_path / "data",
-                                sweep_interval_s=0, retry_after_s=7, db_ping_idle_s=ping_idle_s, auth_cache_s=0)
+                                sweep_interval_s=0, retry_after_s=7, db_ping_idle_s=ping_idle_s,
+                                auth_cache_s=auth_cache_s)
             return TestClient(create_app(settings, CeleryDispatcher(redis_url, settings.visibility_timeout_s)))
 
         with app(2.0) as client:
@@ -201,9 +202,11 @@ def test_postgres_down_is_503_with_retry_after_and_recovers(tmp_path: Path, redi
         # A restart nobody noticed (no request while the database was down), with no pre-ping on every checkout
         # (db/session.py): a connection idle for longer than db_ping_idle_s is pinged and silently replaced; one
         # used more recently than that fails its request once (503 + Retry-After), after which the pool has
-        # replaced every connection that predates the failure.
-        with app(0.0) as pinged, app(3600.0) as trusted:
-            for client in (pinged, trusted):
+        # replaced every connection that predates the failure. The API has two pools (api/reads.py: the asyncio
+        # one for hot reads, the sync one for the rest); a disconnect seen by either drops the other's connections:
+        # `trusted` (no key cache) fails in the asyncio pool first, `cached` (key cache on) in the sync one.
+        with app(0.0) as pinged, app(3600.0) as trusted, app(3600.0, auth_cache_s=3600) as cached:
+            for client in (pinged, trusted, cached):
                 assert client.get("/v1/jobs", headers=h).status_code == 200
                 assert client.get(f"/v1/jobs/{'0' * 32}", headers=h).status_code == 404  # the hot read path too
             pg.stop()
@@ -214,6 +217,9 @@ def test_postgres_down_is_503_with_retry_after_and_recovers(tmp_path: Path, redi
             assert trusted.get("/v1/jobs", headers=h).status_code == 200, "the pool recovers after one failure"
             assert trusted.get(f"/v1/jobs/{'0' * 32}", headers=h).status_code == 404
             assert trusted.get("/healthz").status_code == 200
+            first = cached.get("/v1/jobs", headers=h)  # key from the cache: the sync pool meets the dead socket
+            assert first.status_code == 503, first.text
+            assert cached.get(f"/v1/jobs/{'0' * 32}", headers=h).status_code == 404, "asyncio pool not dropped"
     finally:
         pg.destroy()
 

@@ -71,6 +71,15 @@ def _client(pg_url: str, redis_url: str, tmp_path: Path, **settings: float) -> I
         yield client
 
 
+@contextmanager
+def _keyed_client(pg_url: str, redis_url: str, tmp_path: Path, tenant: str, **settings: float
+                  ) -> Iterator[tuple[TestClient, str, dict[str, str]]]:
+    """A fresh key of `tenant` and the app: (client, key, auth headers)."""
+    key = add_key(pg_url, tenant)
+    with _client(pg_url, redis_url, tmp_path, **settings) as client:
+        yield client, key, {"Authorization": f"Bearer {key}"}
+
+
 def _revoke(pg_url: str, key: str) -> None:
     engine = make_engine(pg_url)
     try:
@@ -83,9 +92,7 @@ def _revoke(pg_url: str, key: str) -> None:
 @pytest.mark.services
 def test_revoked_key_is_refused_once_the_auth_cache_ttl_has_passed(pg_url: str, redis_url: str,
                                                                    tmp_path: Path) -> None:
-    key = add_key(pg_url, "revoke-ttl")
-    h = {"Authorization": f"Bearer {key}"}
-    with _client(pg_url, redis_url, tmp_path, auth_cache_s=1.5) as client:
+    with _keyed_client(pg_url, redis_url, tmp_path, "revoke-ttl", auth_cache_s=1.5) as (client, key, h):
         assert client.get("/v1/models", headers=h).status_code == 200  # verified once, now cached
         cache = client.app.state.auth.cache  # type: ignore[attr-defined]
         assert len(cache) == 1 and key not in cache._entries, "cached under sha256(key), never the plaintext"
@@ -102,9 +109,7 @@ def test_revoked_key_is_refused_once_the_auth_cache_ttl_has_passed(pg_url: str, 
 @pytest.mark.services
 def test_without_the_auth_cache_a_revoked_key_is_refused_at_once(pg_url: str, redis_url: str,
                                                                  tmp_path: Path) -> None:
-    key = add_key(pg_url, "revoke-now")
-    h = {"Authorization": f"Bearer {key}"}
-    with _client(pg_url, redis_url, tmp_path, auth_cache_s=0) as client:
+    with _keyed_client(pg_url, redis_url, tmp_path, "revoke-now", auth_cache_s=0) as (client, key, h):
         assert client.get("/v1/jobs", headers=h).status_code == 200
         _revoke(pg_url, key)
         assert client.get("/v1/jobs", headers=h).status_code == 401
@@ -159,12 +164,10 @@ def test_postgres_hot_reads_run_on_the_event_loop_without_a_thread(pg_url: str, 
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """On PostgreSQL (psycopg) the key check, the status poll and /healthz read through the asyncio engine: the
     thread-hop path (`ReadPool.call`) must not run; without the lifespan (no event loop of its own) it does."""
-    key = add_key(pg_url, "on-the-loop")
-    h = {"Authorization": f"Bearer {key}"}
     calls: list[int] = []
     original = ReadPool.call
     monkeypatch.setattr(ReadPool, "call", lambda self, fn: calls.append(1) or original(self, fn))
-    with _client(pg_url, redis_url, tmp_path, auth_cache_s=0) as client:
+    with _keyed_client(pg_url, redis_url, tmp_path, "on-the-loop", auth_cache_s=0) as (client, _, h):
         assert client.app.state.reads.aengine is not None  # type: ignore[attr-defined]
         assert client.get(f"/v1/jobs/{'0' * 32}", headers=h).status_code == 404
         assert client.get("/healthz").status_code == 200
