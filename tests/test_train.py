@@ -1,16 +1,17 @@
 """Fine-tuning loop: distillation reduces the gap to the teacher, labels are used, runs are reproducible."""
 
+import pytest
 import torch
 from torch import nn
 
 from pruning_core.data import TrainData, synthetic_data
 from pruning_core.progress import Progress
-from pruning_core.train import TrainConfig, accuracy, predict, train_steps
+from pruning_core.train import TrainConfig, accuracy, distill_loss, predict, train_steps
 
 
-def _mlp(seed: int) -> nn.Module:
+def _mlp(seed: int, hidden: int = 16) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    return nn.Sequential(nn.Linear(8, hidden), nn.ReLU(), nn.Linear(hidden, 4))
 
 
 def _gap(student: nn.Module, teacher: nn.Module, data: TrainData) -> float:
@@ -51,3 +52,23 @@ def test_progress_and_hooks_are_called() -> None:
                 before_step=steps_before.append)
     assert steps_before == list(range(25))
     assert seen[-1] == ("finetune", 1.0) and all(0.5 <= f <= 1.0 for _, f in seen)
+
+
+def test_default_distillation_keeps_the_teachers_logit_scale() -> None:
+    """Logit matching pins the student's logits to the teacher's; softened KL (with CE) leaves their scale free."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=gen)
+    data = TrainData(x, (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long(), "labelled", "test")
+    teacher = _mlp(0, hidden=32)
+    train_steps(teacher, None, data, 300, TrainConfig(lr=1e-2))  # confident: 100% train accuracy
+    t = predict(teacher, x)[0]
+    # matching: zero at the teacher's logits, and a doubled scale costs as much as the logits' own mean square
+    assert float(distill_loss([t], [t], None, TrainConfig())) == 0.0
+    assert float(distill_loss([2 * t], [t], None, TrainConfig())) == pytest.approx(1.0)
+    errors = {}
+    for name, cfg in (("default", TrainConfig(lr=1e-2)), ("kl", TrainConfig(lr=1e-2, kd_loss="kl"))):
+        student = _mlp(100, hidden=32)
+        train_steps(student, teacher, data, 600, cfg)
+        errors[name] = float((predict(student, x)[0] - t).norm() / t.norm())
+    # measured 0.074 (mse) vs 0.219 (kl) on this seed; over seeds 0-4 mse stayed below 0.093 and at most 0.79x kl
+    assert errors["default"] < 0.1 and errors["default"] < 0.5 * errors["kl"], errors
