@@ -2,10 +2,11 @@
 
 A small BN CNN is trained on scikit-learn digits (fixed stratified split, bench/digits.py), once per seed.
 From those dense weights every method gets the same budget of optimisation steps (pruning + fine-tuning,
-same lr, batch, distillation from the dense model): magnitude one-shot and gradual (cubic, Zhu & Gupta),
-each with global and uniform allocation, and SMART (pruning_core.methods.smart). Grid: block 1x4, 4x4, 8x8
-and channel; sparsity 0.5-0.97; budgets 100 and 500 steps; 3 seeds. Reported: test accuracy, fidelity to
-the dense logits (relative L2 on the test set; it does not saturate like digits accuracy) and wall time.
+same lr, batch, CE + logit-matching distillation from the dense model): magnitude one-shot and gradual
+(cubic, Zhu & Gupta), each with global and uniform allocation, and SMART (pruning_core.methods.smart).
+Grid: block 1x4, 4x4, 8x8 and channel; sparsity 0.5-0.97; budgets 100 and 500 steps; 3 seeds. Reported: test
+accuracy, fidelity to the dense logits (relative L2 on the test set; it does not saturate like digits accuracy)
+and wall time.
 Plus one Transformer case (rows as tokens, 2:4 on its Linear layers) and the cost of a SMART training step
 against a plain masked step.
 
@@ -378,13 +379,15 @@ def main(argv: list[str] | None = None) -> None:
     dense_acc = {seed: statistics.fmean([r["dense_accuracy"] for r in cnn if r["seed"] == seed])
                  for seed in seeds if any(r["seed"] == seed for r in cnn)}
     cmd = "python -m bench.quality " + " ".join(f"'{a}'" if " " in a else a for a in (argv or sys.argv[1:]))
+    _tc = TrainConfig()
     lines = [
         "# Quality: SMART vs magnitude pruning (digits)", "",
         f"Date: {started}. Machine: {machine()}. Command: `{cmd}`. "
         f"Total wall time: {wall / 60:.1f} min, {len(results)} runs.", "",
         f"Dense CNN test accuracy per seed: {', '.join(f'{100 * a:.1f}%' for a in dense_acc.values())}. "
         f"CNN widths {_settings['widths']}. Every method: {BATCH}-sample batches, "
-        f"weight lr {_settings['lr']} (Adam), distillation from the dense model, "
+        f"weight lr {_settings['lr']} (Adam), loss {1 - _tc.kd_weight:g} CE + {_tc.kd_weight:g} distillation from the "
+        f"dense model ({_tc.kd_loss}: TrainConfig.kd_loss), "
         f"min_keep {MIN_KEEP}, same number of steps (the budget). SMART: "
         f"{json.dumps({k: v for k, v in SmartConfig(**SMART_OVERRIDES).to_dict().items() if k != 'device'})}.",
         tables(cnn, METHODS, geoms, sps, budgets),

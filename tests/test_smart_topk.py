@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
+from pruning_core.methods.smart import topk
 from pruning_core.methods.smart.topk import Floors, soft_topk, soft_topk_floors
 
 TAUS = [1.0, 0.1, 1e-2, 1e-3]
@@ -180,3 +183,15 @@ def test_low_temperature_masks_hold_no_denormals() -> None:
         positive = f[f > 0]
         assert float(positive.min()) >= torch.finfo(torch.float32).tiny  # smallest normal float32
         assert abs(float(f.double().sum()) - 40) < 1e-4
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.05, 1e-3])
+def test_float32_short_row_clip_does_not_move_the_masks(tau: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Float32 N:M rows clip centred arguments at +-SHORT_ROW_CLIP to keep denormals out of the solver."""
+    scores = torch.randn(5000, 4, generator=torch.Generator().manual_seed(8)) * 10
+    clipped = soft_topk(scores, 2, tau)
+    monkeypatch.setattr(topk, "SHORT_ROW_CLIP", math.inf)
+    unclipped = soft_topk(scores, 2, tau)
+    # at tau 1e-3 the centred arguments reach ~1e4, so most entries are clipped; a clipped entry's mask moves by
+    # < e^-40 and the shift by less than float32 resolves, so 1e-6 (a few ulps near 1) catches a clip that bites
+    assert float((clipped - unclipped).abs().max()) < 1e-6

@@ -1,7 +1,9 @@
 """SMART knobs in one place, with the defaults that worked on the digits benchmark (bench/quality.py).
 
 Defaults follow the reference experiment recorded in shared/papers/smart-pruner.md (SMART, Ding et al.,
-arXiv 2403.19969; the paper does not publish its schedule values).
+arXiv 2403.19969; the paper does not publish its schedule values). The digits numbers in the comments were measured
+with the softened-KL distillation loss used until 2026-12-03 (pruning_core.train.TrainConfig.kd_loss="kl"); the
+defaults were re-checked on the full grid with the logit-matching loss (docs/benchmarks/quality.md).
 """
 
 from __future__ import annotations
