@@ -31,8 +31,9 @@ class TrainConfig:
     batch_size: int = 32
     seed: int = 0
     kd_loss: str = "mse"  # logits: "mse" (matching, relative to the teacher's mean square) or "kl" (Hinton et al.).
-    #   On digits at 500 steps "kl" let pruned logits grow 1.1-1.7x the teacher's scale, and their relative L2
-    #   error was about twice "mse"'s at the same accuracy (docs/benchmarks/quality.md)
+    #   On digits at 500 steps "kl" let pruned logits grow 1.1-1.7x the teacher's scale; their relative L2 error
+    #   was 1.1-1.7x "mse"'s averaged over the grid (up to 3.7x in a cell), at the same accuracy
+    #   (docs/benchmarks/quality.md)
     kd_temperature: float = 2.0  # "kl" only: softens logits (Hinton et al. use 2-4)
     kd_weight: float = 0.5  # with labels: loss = (1 - w) * CE + w * KD; without labels: KD only
     weight_decay: float = 0.0  # pruned weights must stay zero under masks; decay would only shrink the kept ones
