@@ -387,7 +387,8 @@ def main(argv: list[str] | None = None) -> None:
         f"Dense CNN test accuracy per seed: {', '.join(f'{100 * a:.1f}%' for a in dense_acc.values())}. "
         f"CNN widths {_settings['widths']}. Every method: {BATCH}-sample batches, "
         f"weight lr {_settings['lr']} (Adam), loss {1 - _tc.kd_weight:g} CE + {_tc.kd_weight:g} distillation from the "
-        f"dense model ({_tc.kd_loss}: TrainConfig.kd_loss), "
+        f"dense model ({_tc.kd_loss}: TrainConfig.kd_loss), BatchNorm statistics re-estimated on "
+        f"{_tc.bn_recalibration_samples} training inputs after training, "
         f"min_keep {MIN_KEEP}, same number of steps (the budget). SMART: "
         f"{json.dumps({k: v for k, v in SmartConfig(**SMART_OVERRIDES).to_dict().items() if k != 'device'})}.",
         tables(cnn, METHODS, geoms, sps, budgets),

@@ -233,7 +233,7 @@ def report(rows: list[dict[str, Any]], st: Settings, wall: float, args: argparse
         f"{_ms(dense)}. Seeds {st.seeds} (dense training, pruning and fine-tuning all vary with the seed; the "
         "test split is fixed). Every final model is fine-tuned "
         f"{st.final_steps} steps (Adam lr {st.lr}, batch {st.batch_size}, CE + logit-matching distillation from the "
-        "dense model) "
+        "dense model, BatchNorm statistics re-estimated after training) "
         "on the same 80% of the train split; accuracy is on the fixed 450-image test split, inputs resized to "
         "the model's input size. Channel multiple "
         f"{st.channel_multiple}. 'extra steps' = 3D's chain/held-out fine-tuning ({st.chain_steps} steps per "
