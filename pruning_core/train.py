@@ -115,7 +115,7 @@ def train_steps(
     """Run `steps` optimisation steps; returns the loss history (one entry per `log_every` steps).
 
     Teacher outputs are computed once for the whole dataset (the teacher is frozen and the data are not
-    augmented), which removes a dense forward pass from every step.
+    augmented), which removes a dense forward pass from every step. Ends with `recalibrate_batchnorm`.
     """
     torch.manual_seed(cfg.seed)
     history: list[dict[str, float]] = []
@@ -165,9 +165,9 @@ def train_steps(
 
 def recalibrate_batchnorm(model: nn.Module, inputs: torch.Tensor, cfg: TrainConfig) -> None:
     """Re-estimate BatchNorm running statistics under the current weights ("adaptive BN", Li et al., EagleEye,
-    ECCV 2020: pruned networks are evaluated with stale statistics otherwise), by torch's `update_bn`: an exact
-    average over `cfg.bn_recalibration_samples` training inputs (seeded order) instead of an EMA over the last
-    few batches of a moving model. Models without BatchNorm are left untouched."""
+    ECCV 2020: pruned networks are evaluated with stale statistics otherwise), by torch's `update_bn`: a plain
+    average over the batches of `cfg.bn_recalibration_samples` training inputs (seeded order) instead of an EMA
+    over the last few batches of a moving model. Models without BatchNorm are left untouched."""
     if cfg.bn_recalibration_samples <= 0:
         return
     order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(cfg.seed))
