@@ -148,6 +148,28 @@ def _target_sparsity(spec: PruneSpec) -> float | None:
     return spec.target_sparsity
 
 
+def warm_imports() -> None:
+    """Import everything a job's stages load lazily (onnx, onnxruntime, onnx2torch with torchvision, onnxslim,
+    Torch-Pruning): ~3 s on a quiet 2-core machine. A worker calls this when it starts; otherwise its first
+    job pays it inside the job's heartbeat window: in a CI run of tests/service/test_faults.py (heartbeat stale
+    after 4 s) a fresh worker's first job took 5.5 s instead of 0.15, its heartbeat thread wrote nothing for
+    over 4 s, and the sweeper re-queued the job, which then ran twice."""
+    import onnxruntime  # noqa: F401
+    import onnxslim  # noqa: F401
+
+    import pruning_core.accelerators
+    import pruning_core.explain
+    import pruning_core.export
+    import pruning_core.geometry
+    import pruning_core.ingest.onnx_loader
+    import pruning_core.ingest.torchscript_loader
+    import pruning_core.latency
+    import pruning_core.macs
+    import pruning_core.methods.magnitude
+    import pruning_core.methods.smart
+    import pruning_core.methods.three_d.run  # noqa: F401
+
+
 def prune_stage(spec: PruneSpec, model_path: Path, work_dir: Path, data_path: Path | None,
                 progress: Progress | None = None) -> dict[str, Any]:
     """Ingest, prune, fine-tune, export; returns (and writes) the partial report."""

@@ -55,10 +55,12 @@ class JobTask(Task):
 
 @worker_process_init.connect
 def _preload(**_: Any) -> None:
-    """Import the pipeline (torch, onnx, onnxruntime) when a pool process starts, not when its first job
-    arrives, so submission-to-pickup time does not include seconds of imports."""
-    from pruning_core.pipeline import pick_device
+    """Import the pipeline (torch, onnx, onnxruntime, ...) when a pool process starts, not when its first job
+    arrives: submission-to-pickup time then holds no seconds of imports, and neither does the first job's
+    heartbeat window (pruning_core.pipeline.warm_imports)."""
+    from pruning_core.pipeline import pick_device, warm_imports
 
+    warm_imports()
     _context()
     log.info("pool process ready; pruning runs on %s", pick_device())
 

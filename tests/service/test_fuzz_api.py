@@ -41,4 +41,7 @@ def test_fuzz_with_a_key(case: Any, api: ApiHarness) -> None:
 def test_fuzz_without_a_key(case: Any) -> None:
     response = case.call_and_validate(checks=CHECKS, timeout=120)
     if case.path not in OPEN:
-        assert response.status_code in (401, 404, 405, 413, 415, 422), (case.path, response.status_code)
+        # FastAPI reads a JSON body before it runs any dependency, so a body it cannot parse is refused (400,
+        # problem+json, the same answer with or without a key) before the key is checked; anything else: 401
+        unparsed = response.status_code == 400 and "error parsing the body" in response.text
+        assert unparsed or response.status_code in (401, 404, 405, 413, 415, 422), (case.path, response.status_code)
