@@ -379,16 +379,16 @@ def main(argv: list[str] | None = None) -> None:
     dense_acc = {seed: statistics.fmean([r["dense_accuracy"] for r in cnn if r["seed"] == seed])
                  for seed in seeds if any(r["seed"] == seed for r in cnn)}
     cmd = "python -m bench.quality " + " ".join(f"'{a}'" if " " in a else a for a in (argv or sys.argv[1:]))
-    _tc = TrainConfig()
+    recipe = TrainConfig()  # the shared fine-tuning defaults every method uses
     lines = [
         "# Quality: SMART vs magnitude pruning (digits)", "",
         f"Date: {started}. Machine: {machine()}. Command: `{cmd}`. "
         f"Total wall time: {wall / 60:.1f} min, {len(results)} runs.", "",
         f"Dense CNN test accuracy per seed: {', '.join(f'{100 * a:.1f}%' for a in dense_acc.values())}. "
         f"CNN widths {_settings['widths']}. Every method: {BATCH}-sample batches, "
-        f"weight lr {_settings['lr']} (Adam), loss {1 - _tc.kd_weight:g} CE + {_tc.kd_weight:g} distillation from the "
-        f"dense model ({_tc.kd_loss}: TrainConfig.kd_loss), BatchNorm statistics re-estimated on "
-        f"{_tc.bn_recalibration_samples} training inputs after training, "
+        f"weight lr {_settings['lr']} (Adam), loss {1 - recipe.kd_weight:g} CE + {recipe.kd_weight:g} distillation "
+        f"from the dense model ({recipe.kd_loss}: TrainConfig.kd_loss), BatchNorm statistics re-estimated on "
+        f"{recipe.bn_recalibration_samples} training inputs after training, "
         f"min_keep {MIN_KEEP}, same number of steps (the budget). SMART: "
         f"{json.dumps({k: v for k, v in SmartConfig(**SMART_OVERRIDES).to_dict().items() if k != 'device'})}.",
         tables(cnn, METHODS, geoms, sps, budgets),

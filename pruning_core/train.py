@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import update_bn
 
 from pruning_core.data import TrainData
@@ -168,11 +169,12 @@ def recalibrate_batchnorm(model: nn.Module, inputs: torch.Tensor, cfg: TrainConf
     ECCV 2020: pruned networks are evaluated with stale statistics otherwise), by torch's `update_bn`: a plain
     average over the batches of `cfg.bn_recalibration_samples` training inputs (seeded order) instead of an EMA
     over the last few batches of a moving model. Models without BatchNorm are left untouched."""
-    if cfg.bn_recalibration_samples <= 0:
-        return
+    if cfg.bn_recalibration_samples <= 0 or not any(isinstance(m, _BatchNorm) for m in model.modules()):
+        return  # ingested ONNX models mostly have BatchNorm folded into their convolutions
     order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(cfg.seed))
     order = order[: cfg.bn_recalibration_samples]
-    batches = [inputs[order[i : i + cfg.batch_size]] for i in range(0, len(order), cfg.batch_size)]
+    # a generator: one batch in memory at a time (1024 ImageNet-sized inputs would be ~600 MB at once)
+    batches = (inputs[order[i : i + cfg.batch_size]] for i in range(0, len(order), cfg.batch_size))
     update_bn(batches, model, _device_of(model))
 
 

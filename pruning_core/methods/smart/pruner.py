@@ -237,7 +237,9 @@ def run_smart(model: nn.Module, teacher: nn.Module | None, plan: PruningPlan, sp
 
     hard_kept = 0.0
     if soft_steps > 0:
-        soft_cfg = replace(tcfg, min_lr_ratio=cfg.soft_min_lr_ratio)
+        # no BatchNorm recalibration under soft masks: hardening changes the network at once, and the
+        # fine-tuning phase (at least one step whenever there is a soft phase) recalibrates at its end
+        soft_cfg = replace(tcfg, min_lr_ratio=cfg.soft_min_lr_ratio, bn_recalibration_samples=0)
         train_steps(
             model, teacher, data, soft_steps, soft_cfg,
             progress=_PhaseProgress(stage_progress, 0.0, soft_share, record(0, 0), cfg.log_every),
