@@ -275,6 +275,19 @@ def tables(results: list[dict[str, Any]], methods: tuple[str, ...], geometries: 
     return "\n".join(out)
 
 
+def borrowed_baselines(path: str, results: list[dict[str, Any]], settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs of an earlier --json for the cells and seeds run now, of the methods not run now."""
+    with open(path) as f:
+        earlier = json.load(f)
+    theirs = earlier.get("settings")
+    same = theirs is None or (theirs["lr"] == settings["lr"] and tuple(theirs["widths"]) == tuple(settings["widths"]))
+    assert same, f"{path} was run with {theirs}, this run with {settings}"
+    ran = {(r["model"], r["geometry"], r["sparsity"], r["budget"], r["seed"]) for r in results}
+    methods_now = {r["method"] for r in results}
+    return [r for r in earlier["results"] if r["method"] not in methods_now
+            and (r["model"], r["geometry"], r["sparsity"], r["budget"], r["seed"]) in ran]
+
+
 def machine() -> str:
     cpu = "unknown"
     try:
@@ -299,6 +312,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budgets", help="comma list of step budgets (default 100,500)")
     ap.add_argument("--seeds", type=int, default=len(SEEDS))
     ap.add_argument("--long-budget-cells", help="run budgets above the smallest only on cells like 'block 4x4@0.97'")
+    ap.add_argument("--methods", help=f"comma list of {list(METHODS)} (default all; tuning runs: 'smart' alone, "
+                    "its verdicts then come from comparing with a full run's --json)")
+    ap.add_argument("--baselines", help="--json of an earlier full run (same widths, lr, seeds): the methods not run "
+                    "now are taken from it for the same cells, so the tables and verdicts stay complete")
     ap.add_argument("--no-transformer", action="store_true")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--timing-only", action="store_true", help="only the SMART-step vs masked-step timing")
@@ -327,11 +344,13 @@ def main(argv: list[str] | None = None) -> None:
     def wanted(g: str, s: float, b: int) -> bool:
         return long_cells is None or b == min(budgets) or (g, str(s)) in long_cells
 
+    methods = tuple(args.methods.split(",")) if args.methods else METHODS
+    assert set(methods) <= set(METHODS), f"unknown methods {set(methods) - set(METHODS)}; choose from {METHODS}"
     jobs = [Job("cnn", g, s, b, m, seed)
-            for g in geoms for s in sps for b in budgets for m in METHODS for seed in seeds if wanted(g, s, b)]
+            for g in geoms for s in sps for b in budgets for m in methods for seed in seeds if wanted(g, s, b)]
     if not args.no_transformer:
         jobs += [Job("transformer", "nm 2:4", 0.5, b, m, seed)
-                 for b in nm_budgets for m in NM_METHODS for seed in seeds]
+                 for b in nm_budgets for m in NM_METHODS if any(x.startswith(m) for x in methods) for seed in seeds]
     # transformer first, then the whole short-budget grid, then the long budget: a time-boxed run that is
     # stopped early (see --report-from) still has complete short-budget tables
     jobs.sort(key=lambda j: (j.model == "cnn", j.budget))
@@ -374,6 +393,8 @@ def main(argv: list[str] | None = None) -> None:
         if partial:
             partial.close()
         wall = time.perf_counter() - t_start
+    if args.baselines:
+        results += borrowed_baselines(args.baselines, results, {"lr": _settings["lr"], "widths": _settings["widths"]})
     cnn = [r for r in results if r["model"] == "cnn"]
     tr = [r for r in results if r["model"] == "transformer"]
     dense_acc = {seed: statistics.fmean([r["dense_accuracy"] for r in cnn if r["seed"] == seed])
@@ -407,7 +428,8 @@ def main(argv: list[str] | None = None) -> None:
             f.write(report)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"results": results, "timing": timing, "wall_s": wall}, f, indent=1)
+            json.dump({"results": results, "timing": timing, "wall_s": wall,
+                       "settings": {"lr": _settings["lr"], "widths": list(_settings["widths"])}}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -228,3 +228,40 @@ def test_soft_masks_keep_each_layer_floor_in_the_second_half_only() -> None:
         scores[start - (pruner.k - sum(floors)) : start] = 5.0  # the rest of the budget: the last unit's tail
     pruner.soft_masks(tau)
     assert not pruner.floors_bound
+
+
+def test_channel_plans_default_to_a_budget_per_dependency_group() -> None:
+    """Default `channel_allocation="uniform"`: every unit's soft mask holds exactly its uniform share at every
+    temperature, its score gradients sum to zero within the unit (budget cannot move between layers), and the
+    hard masks keep those counts; "global" keeps the paper's single budget, which moves between layers."""
+    from pruning_core.geometry.select import uniform_counts
+
+    plan = build_plan(tiny_cnn(), X, "channel", PruneSpec(accelerator={"channel_multiple": 1},
+                                                          granularity="channel").profile)
+    pruner = SmartPruner(plan, 0.5, soft_steps=10, min_keep=0.05)
+    (scores,) = pruner.prepare()
+    budgets = uniform_counts(plan.units, 0.5, 0.05)
+    assert len(budgets) == 3 and pruner.k == sum(budgets)
+    g = torch.Generator().manual_seed(0)
+    for tau in (1.0, 0.1, 1e-2, 1e-3):
+        masks = pruner.soft_masks(tau)
+        for m, b in zip(masks, budgets, strict=True):
+            assert abs(float(m.sum()) - b) < 1e-4, (tau, float(m.sum()), b)  # the issue's budget tolerance
+        upstream = torch.randn(scores.numel(), generator=g)
+        (grad,) = torch.autograd.grad((torch.cat(masks) * upstream).sum(), scores)
+        per_unit = torch.split(grad, [u.num_groups for u in plan.units])
+        scale = grad.abs().max()
+        # float64 solve, float32 gradient: sums cancel to ~1e-7 of the largest entry; a global projection leaves
+        # per-unit sums of the order of the entries themselves
+        assert all(abs(float(p.sum())) <= 1e-5 * float(scale) for p in per_unit), [float(p.sum()) for p in per_unit]
+    with torch.no_grad():  # make layer 0 score far above the rest: a global budget would take all of it
+        scores[: plan.units[0].num_groups] += 10.0
+    assert [int(m.sum()) for m in pruner.harden()] == budgets
+
+    glob = SmartPruner(build_plan(tiny_cnn(), X, "channel", plan.profile), 0.5, soft_steps=10,
+                       config=SmartConfig(channel_allocation="global"), min_keep=0.05)
+    (gscores,) = glob.prepare()
+    with torch.no_grad():
+        gscores[: plan.units[0].num_groups] += 10.0
+    kept = [int(m.sum()) for m in glob.harden()]
+    assert sum(kept) == sum(budgets) and kept[0] == plan.units[0].num_groups  # budget moved to layer 0

@@ -35,6 +35,11 @@ def _round_multiple(k: float, unit: PruningUnit) -> int:
     return min(unit.num_groups, r)
 
 
+def uniform_counts(units: Sequence[PruningUnit], sparsity: float, min_keep: float) -> list[int]:
+    """Kept groups per (non-N:M) unit under `uniform` allocation: ~(1 - s) of each, rounded, at least its minimum."""
+    return [max(min_kept(u, min_keep), _round_multiple((1.0 - sparsity) * u.num_groups, u)) for u in units]
+
+
 def _topk_mask(scores: Tensor, k: int) -> Tensor:
     mask = torch.zeros(scores.numel(), device=scores.device)
     if k > 0:
@@ -115,11 +120,10 @@ def select_masks(units: Sequence[PruningUnit], scores: Sequence[Tensor], sparsit
     if dense_idx:
         us = [units[i] for i in dense_idx]
         ss = [scores[i] for i in dense_idx]
-        mins = [min_kept(u, min_keep) for u in us]
         if allocation == "uniform":
-            counts = [max(k0, _round_multiple((1.0 - sparsity) * u.num_groups, u))
-                      for u, k0 in zip(us, mins, strict=True)]
+            counts = uniform_counts(us, sparsity, min_keep)
         else:
+            mins = [min_kept(u, min_keep) for u in us]
             total = round((1.0 - sparsity) * sum(u.num_groups for u in us))
             counts = _global_counts(us, ss, total, mins)
             if any(u.channel_multiple > 1 for u in us):

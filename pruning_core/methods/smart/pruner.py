@@ -9,7 +9,9 @@ applied through the plan's parametrizations while tau anneals -> hard top-k of t
 `plan.select` (so N:M, min_keep and channel-multiple rounding are the geometry's, shared with magnitude) ->
 fine-tuning under the fixed hard mask -> `plan.finalize` (zeros baked, or channels physically removed).
 
-The top-k is global across units for block / channel (per-layer sparsity is learned) and per M-run for N:M.
+The top-k is global across units for block (per-layer sparsity is learned), per M-run for N:M, and per
+dependency group for channels by default (`SmartConfig.channel_allocation`: with BatchNorm networks the soft
+relaxation misprices per-layer channel budgets; "global" keeps the paper's single top-k).
 Masks stay parametrizations (effective weight = w * mask) during fine-tuning, so Adam momentum cannot revive
 pruned weights; `finalize` bakes them.
 """
@@ -25,7 +27,7 @@ from torch import Tensor, nn
 
 from pruning_core.data import TrainData
 from pruning_core.geometry import PruningPlan, PruningUnit
-from pruning_core.geometry.select import min_kept
+from pruning_core.geometry.select import min_kept, uniform_counts
 from pruning_core.methods.smart.config import SmartConfig
 from pruning_core.methods.smart.temperature import Temperature
 from pruning_core.methods.smart.topk import Floors, soft_topk, soft_topk_floors, soft_topk_floors_bound
@@ -72,8 +74,16 @@ class SmartPruner:
             assert n0 is not None and m0 is not None, f"{nm_units[0].name}: N:M unit without N"
             self.nm = (n0, m0)
         n_dense = sum(plan.units[i].num_groups for i in self.dense_idx)
-        # global budget for block / channel units, k = round((1 - s) * N), kept strictly inside (0, N)
-        self.k = min(max(round((1.0 - sparsity) * n_dense), 1), n_dense - 1) if n_dense > 1 else 0
+        # channel plans, "uniform": one budget per unit, the counts the hard selection keeps (config docstring)
+        self.allocation = "uniform" if plan.granularity == "channel" and self.cfg.channel_allocation == "uniform" \
+            else "global"
+        self.unit_budgets: list[int] | None = None
+        if self.allocation == "uniform" and self.dense_idx:
+            self.unit_budgets = uniform_counts([plan.units[i] for i in self.dense_idx], sparsity, min_keep)
+            self.k = sum(self.unit_budgets) if sum(self.unit_budgets) < n_dense else 0  # all kept: nothing to learn
+        else:
+            # global budget for block / channel units, k = round((1 - s) * N), kept strictly inside (0, N)
+            self.k = min(max(round((1.0 - sparsity) * n_dense), 1), n_dense - 1) if n_dense > 1 else 0
         self.scores: list[nn.Parameter] = []  # [dense scores] and/or [N:M scores], flat
         self.floors: Floors | None = None  # per-unit min_keep floors of the soft top-k (config.soft_floors)
         self.floors_bound = False  # a floor bound at the last floored step (skip the plain solve next time)
@@ -91,7 +101,10 @@ class SmartPruner:
                     mode = "layer" if self.plan.granularity == "channel" else "global"
                 s = init_scores([self.plan.units[i] for i in idx], mode)
                 self.scores.append(nn.Parameter(s.to(device) if device is not None else s))
-        if self.dense_idx and self.cfg.soft_floors != "off":
+        if self.unit_budgets is not None:  # every unit its own top-k: the floors problem with floors = budgets
+            self.floors = Floors([self.plan.units[i].num_groups for i in self.dense_idx], self.unit_budgets,
+                                 self.scores[0].device, exact_grad=True)
+        elif self.dense_idx and self.cfg.soft_floors != "off":
             units = [self.plan.units[i] for i in self.dense_idx]
             self.floors = Floors([u.num_groups for u in units], [min_kept(u, self.min_keep) for u in units],
                                  self.scores[0].device, exact_grad=self.cfg.soft_floors == "exact")
@@ -111,12 +124,16 @@ class SmartPruner:
 
     # -- soft phase ----------------------------------------------------------------------------------
     def soft_masks(self, tau: float, floors: bool = True) -> list[Tensor]:
-        """Soft masks per unit: global top-k over block/channel groups, top-N of every M-run for N:M."""
+        """Soft masks per unit: global top-k over block groups (and channels with `channel_allocation="global"`),
+        a top-k per unit for channels by default, top-N of every M-run for N:M."""
         flat: list[Tensor] = []
         j = 0
         if self.dense_idx:
             if self.k <= 0:
                 flat.append(torch.ones_like(self.scores[j]))
+            elif self.unit_budgets is not None:
+                assert self.floors is not None, "call prepare() first"
+                flat.append(soft_topk_floors(self.scores[j], self.k, tau, self.floors))
             elif self.floors is not None and floors and self.floors_bound:
                 # they bound at the last step and scores move little per step: solve with floors directly (its
                 # solution is the plain one whenever no floor binds) and see whether they still bind
@@ -163,9 +180,9 @@ class SmartPruner:
 
     # -- hard phase ----------------------------------------------------------------------------------
     def harden(self) -> list[Tensor]:
-        """Hard masks from the final scores via `plan.select` (global allocation) and apply them."""
+        """Hard masks from the final scores via `plan.select` (the soft phase's allocation) and apply them."""
         scores = [s.detach() for s in self.unit_scores()]
-        self.hard = self.plan.select(scores, self.sparsity, "global", self.min_keep)
+        self.hard = self.plan.select(scores, self.sparsity, self.allocation, self.min_keep)
         self.plan.set_masks(self.hard)
         return self.hard
 
@@ -255,6 +272,6 @@ def run_smart(model: nn.Module, teacher: nn.Module | None, plan: PruningPlan, sp
                     progress=_PhaseProgress(stage_progress, soft_share, 1.0, record(1, soft_steps), cfg.log_every))
     module = pruner.squash_mask()
     info = {"soft_steps": soft_steps, "finetune_steps": ft_steps, "escapes": pruner.temperature.escapes,
-            "tau_final": pruner.temperature.tau(max(soft_steps - 1, 0)), "budget_k": pruner.k,
+            "tau_final": pruner.temperature.tau(max(soft_steps - 1, 0)), "budget_k": pruner.k, "allocation": pruner.allocation,
             "group_sparsity": plan.group_sparsity(hard), "config": cfg.to_dict()}
     return SmartResult(module=module, history=history, hard_masks=hard, info=info)
