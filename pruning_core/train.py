@@ -112,8 +112,13 @@ def train_steps(
     before_step: Callable[[int], None] | None = None,
     after_step: Callable[[int], None] | None = None,
     weight_params: Sequence[nn.Parameter] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> list[dict[str, float]]:
     """Run `steps` optimisation steps; returns the loss history (one entry per `log_every` steps).
+
+    `optimizer` (from `make_optimizer`) continues an earlier run's Adam moments, e.g. across SMART's phases; its
+    own groups are used then, not `extra_param_groups` / `weight_params`. Group 0 (the weights) follows the
+    cosine schedule from the lr it was created with.
 
     Teacher outputs are computed once for the whole dataset (the teacher is frozen and the data are not
     augmented), which removes a dense forward pass from every step. Ends with `recalibrate_batchnorm`.
@@ -124,11 +129,8 @@ def train_steps(
         return history
     device = _device_of(model)
     targets = predict(teacher, data.inputs) if teacher is not None else None
-    params = list(weight_params) if weight_params is not None else [p for p in model.parameters() if p.requires_grad]
-    groups: list[dict[str, Any]] = [{"params": params, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
-    groups += [dict(g) for g in extra_param_groups]
-    opt = torch.optim.Adam(groups)
-    base_lrs = [g["lr"] for g in opt.param_groups]
+    opt = optimizer if optimizer is not None else make_optimizer(model, cfg, extra_param_groups, weight_params)
+    base_lrs = [g.setdefault("base_lr", g["lr"]) for g in opt.param_groups]
     index = torch.arange(len(data))
     batches = _index_batches(index, cfg.batch_size, cfg.seed)
     model.train()
@@ -162,6 +164,15 @@ def train_steps(
     recalibrate_batchnorm(model, data.inputs, cfg)
     model.eval()
     return history
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, extra_param_groups: Sequence[dict[str, Any]] = (),
+                   weight_params: Sequence[nn.Parameter] | None = None) -> torch.optim.Optimizer:
+    """Adam over the weights (group 0, the scheduled one) and any extra groups (e.g. SMART's scores)."""
+    params = list(weight_params) if weight_params is not None else [p for p in model.parameters() if p.requires_grad]
+    groups: list[dict[str, Any]] = [{"params": params, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+    groups += [dict(g) for g in extra_param_groups]
+    return torch.optim.Adam(groups)
 
 
 def recalibrate_batchnorm(model: nn.Module, inputs: torch.Tensor, cfg: TrainConfig) -> None:

@@ -265,3 +265,22 @@ def test_channel_plans_default_to_a_budget_per_dependency_group() -> None:
         gscores[: plan.units[0].num_groups] += 10.0
     kept = [int(m.sum()) for m in glob.harden()]
     assert sum(kept) == sum(budgets) and kept[0] == plan.units[0].num_groups  # budget moved to layer 0
+
+
+def test_fine_tuning_continues_the_soft_phase_adam_moments(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One Adam runs both phases: a fresh one would start fine-tuning with full-lr sign steps on every weight
+    (docs/benchmarks/quality.md: worse fidelity at 0.5 and worse accuracy at 0.95-0.97 on digits)."""
+    made: list[torch.optim.Optimizer] = []
+    real_adam = torch.optim.Adam
+
+    def recording_adam(*args, **kwargs):  # type: ignore[no-untyped-def]
+        made.append(real_adam(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(torch.optim, "Adam", recording_adam)
+    _, res = smart(tiny_cnn(), "block", {"block_shape": [1, 4]}, steps=9)
+    assert res.info["soft_steps"] == 6 and res.info["finetune_steps"] == 3
+    assert len(made) == 1, f"{len(made)} optimizers for one SMART run"
+    weights, scores = made[0].param_groups  # the model's weights, SMART's scores
+    assert {int(made[0].state[p]["step"]) for p in weights["params"]} == {9}  # moments carried over all 9 steps
+    assert {int(made[0].state[p]["step"]) for p in scores["params"]} == {6}  # scores: soft phase only
