@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api import dashboard, metrics, problems
 from api.auth import Authenticator
+from api.bearer_gate import RequireBearer
 from api.dispatch import CeleryDispatcher, Dispatcher
 from api.reads import ReadPool
 from api.routes import accelerators, datasets, events, jobs, models
@@ -68,6 +69,7 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None, sweep: 
     app.state.session_factory = make_session_factory(engine)
     app.state.store = ArtifactStore(settings.data_dir)
     app.state.dispatcher = dispatcher
+    app.add_middleware(RequireBearer)  # added first, so CORSMiddleware (added next) wraps it
     app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                        allow_headers=["*"], expose_headers=["Location"])
     problems.install(app)

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import Authenticator
+from api.bearer_gate import CHALLENGE, MISSING_KEY
 from api.dispatch import Dispatcher
 from api.problems import Problem
 from db.artifacts import ArtifactStore
@@ -46,10 +47,9 @@ async def get_tenant(request: Request,
                      creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> KeyOwner:
     """Async on purpose: a cached key (api/auth.py) resolves without a database round trip or a threadpool hop;
     a cache miss verifies on a connection of its own in one hop."""
-    challenge = {"WWW-Authenticate": "Bearer"}
-    if creds is None or creds.scheme.lower() != "bearer":
-        raise Problem(401, "send `Authorization: Bearer <api key>`; create a key with "
-                           "`hwprune keys create --tenant NAME`", challenge)
+    challenge = CHALLENGE
+    if creds is None or creds.scheme.lower() != "bearer":  # api.bearer_gate refuses these first on /v1/
+        raise Problem(401, MISSING_KEY, challenge)
     auth: Authenticator = request.app.state.auth
     tenant = await auth.owner(creds.credentials)
     if tenant is None:

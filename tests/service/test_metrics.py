@@ -126,6 +126,9 @@ def test_cors_allows_only_the_configured_origins(tmp_path: Path) -> None:
         assert "authorization" in ok.headers["access-control-allow-headers"].lower()
         bad = c.options("/v1/jobs", headers={"Origin": "https://evil.example", **pre})
         assert bad.status_code == 400 and "access-control-allow-origin" not in bad.headers
+        # a keyless call is refused by the bearer gate, inside CORS, so a dashboard on the origin can read the 401
+        keyless = c.get("/v1/jobs", headers={"Origin": "https://dash.example"})
+        assert keyless.status_code == 401 and keyless.headers["access-control-allow-origin"] == "https://dash.example"
         simple = c.get("/healthz", headers={"Origin": "https://dash.example"})
         assert simple.headers["access-control-allow-origin"] == "https://dash.example"
         assert "access-control-allow-origin" not in c.get("/healthz", headers={"Origin": "https://evil.example"}).headers

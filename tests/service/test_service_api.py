@@ -39,6 +39,26 @@ def test_health_is_open_everything_else_needs_a_key(api: ApiHarness) -> None:
     assert api.client.get("/v1/models", headers=api.h(forged)).status_code == 401
 
 
+def test_a_keyless_request_is_refused_before_its_body_is_read(api: ApiHarness) -> None:
+    """FastAPI parses a JSON body before any dependency runs; the bearer gate answers 401 first, so what a keyless
+    caller sends cannot change the answer (400 for a bad body and 413 for a large one, before the gate)."""
+    cases = [
+        ("post", "/v1/jobs", {"content": b"\x00" * 5, "headers": {"Content-Type": "application/json"}}),
+        ("post", "/v1/jobs", {"content": b"{not json", "headers": {"Content-Type": "application/json"}}),
+        ("post", "/v1/models", {"files": {"file": ("big.onnx", b"x" * (512 * 1024))}}),  # over max_upload_bytes
+        ("get", "/v1/nowhere", {}),  # no such route: still a key first
+        ("get", "/v1/jobs", {"headers": {"Authorization": "Bearer "}}),  # empty token
+        ("get", "/v1/jobs", {"headers": {"Authorization": "Basic dTpw"}}),  # not a bearer scheme
+    ]
+    for method, path, kwargs in cases:
+        r = getattr(api.client, method)(path, **kwargs)
+        assert r.status_code == 401 and r.headers["content-type"] == PROBLEM, (path, kwargs, r.status_code, r.text)
+        assert r.headers["www-authenticate"] == "Bearer" and "Bearer" in r.json()["detail"]
+    with_key = api.client.post("/v1/jobs", content=b"{not json", headers={**api.h(api.key_a),
+                                                                          "Content-Type": "application/json"})
+    assert with_key.status_code == 422 and with_key.headers["content-type"] == PROBLEM  # the body's own error
+
+
 def test_openapi_lists_every_route_of_the_contract(api: ApiHarness) -> None:
     spec = api.client.get("/openapi.json").json()
     paths = spec["paths"]
