@@ -269,7 +269,7 @@ def test_channel_plans_default_to_a_budget_per_dependency_group() -> None:
 
 def test_fine_tuning_continues_the_soft_phase_adam_moments(monkeypatch: pytest.MonkeyPatch) -> None:
     """One Adam runs both phases: a fresh one would start fine-tuning with full-lr sign steps on every weight
-    (docs/benchmarks/quality.md: worse fidelity at 0.5 and worse accuracy at 0.95-0.97 on digits)."""
+    (docs/benchmarks/quality.md: worse fidelity at 0.5 block sparsity and 100 steps on digits)."""
     made: list[torch.optim.Optimizer] = []
     real_adam = torch.optim.Adam
 
