@@ -1,9 +1,10 @@
 """SMART knobs in one place, with the defaults that worked on the digits benchmark (bench/quality.py).
 
 Defaults follow the reference experiment recorded in shared/papers/smart-pruner.md (SMART, Ding et al.,
-arXiv 2403.19969; the paper does not publish its schedule values). The digits numbers in the comments were measured
-with the softened-KL distillation loss used until 2026-12-03 (pruning_core.train.TrainConfig.kd_loss="kl"); the
-defaults were re-checked on the full grid with the logit-matching loss (docs/benchmarks/quality.md).
+arXiv 2403.19969; the paper does not publish its schedule values). Most digits numbers in the comments were measured
+on the 8/16/32 CNN with the softened-KL distillation loss used until 2026-12-03 (TrainConfig.kd_loss="kl");
+`channel_allocation`'s on the 16/32/64 CNN with logit matching, the benchmark's setting since then. The defaults
+were re-checked on the full grid in that setting (docs/benchmarks/quality.md).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class SmartConfig:
     #   layer's soft mask, so the relaxation prices budget taken from such a layer at nothing, while the last
     #   layer (feeding the classifier) pays for it; "global" starved the inner layers (digits CNN 16/32/64 at 0.5:
     #   kept [10, 8, 38] vs uniform [8, 16, 32]) and lost to uniform magnitude (fidelity 0.232 vs 0.201 at 500
-    #   steps; accuracy at 0.9, 500 steps, 69.8% vs 71.0%), while uniform SMART beat it (0.185; 88.6%).
+    #   steps; accuracy at 0.9, 500 steps, 69.8% vs 71.0%), while uniform SMART beat it (0.181; 81.9%).
     #   Block and N:M plans are unaffected (block: global, as in the paper; N:M: per M-run)
     # --- scores ---
     score_lr: float = 0.03  # Adam on scores; gradients scale as 1/tau, so SGD is unusable and 3e-3 barely moves
@@ -52,7 +53,7 @@ class SmartConfig:
     score_init: str = "auto"  # how group norms / sqrt(size) become scores (see pruner.init_scores):
     #   "global": standardised over all units (step 0 = global magnitude ranking); best for block on digits
     #   "layer": each unit divided by its mean first (relative magnitude: BN-followed layers are scale-free);
-    #            best for channel on digits (47% vs 36% at 0.75, 100 steps)
+    #            best for channel on digits (47% vs 36% at 0.75, 100 steps, with one global channel budget)
     #   "unit": standardised per unit (starved the small first layer: 90% vs 95% global at 4x4 / 0.95)
     #   "auto": "layer" for channel plans, "global" otherwise
     # --- hard phase: masks stay parametrizations (w * mask), so Adam momentum cannot revive pruned weights ---
