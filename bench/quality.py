@@ -378,6 +378,7 @@ def main(argv: list[str] | None = None) -> None:
             timing_args = [] if args.no_timing else [
                 ("cnn", "block 4x4", 0.9, timing_steps, timing_rounds),
                 ("cnn", "block 1x4", 0.9, timing_steps, timing_rounds),
+                ("cnn", "channel", 0.75, timing_steps, timing_rounds),
                 ("transformer", "nm 2:4", 0.5, timing_steps, timing_rounds)]
             if args.no_transformer:
                 timing_args = [t for t in timing_args if t[0] != "transformer"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pruning_core.methods.smart import topk
-from pruning_core.methods.smart.topk import Floors, soft_topk, soft_topk_floors
+from pruning_core.methods.smart.topk import Floors, soft_topk, soft_topk_floors, soft_topk_per_unit
 
 TAUS = [1.0, 0.1, 1e-2, 1e-3]
 
@@ -156,6 +156,45 @@ def test_exact_floor_backward_matches_finite_differences(tau: float) -> None:
     exact = Floors(floors.sizes, floors.floors, exact_grad=True)
     s.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x: soft_topk_floors(x, 6, tau, exact), (s,), eps=1e-6, atol=1e-6)
+
+
+def _per_unit_case(seed: int) -> tuple[torch.Tensor, Floors]:
+    """Units of 16, 32, 64 and 3 groups keeping 4, 8, 16 and all 3 (the last one whole), scores on different scales."""
+    units = Floors([16, 32, 64, 3], [4, 8, 16, 3])
+    g = torch.Generator().manual_seed(seed)
+    s = torch.cat([torch.randn(16, generator=g, dtype=torch.float64) * 0.1,
+                   torch.randn(32, generator=g, dtype=torch.float64) + 3.0,
+                   torch.randn(64, generator=g, dtype=torch.float64) * 10.0,
+                   torch.randn(3, generator=g, dtype=torch.float64)])
+    return s, units
+
+
+@pytest.mark.parametrize("tau", TAUS)
+def test_per_unit_budgets_hold_exactly_in_every_unit(tau: float) -> None:
+    s, units = _per_unit_case(0)
+    f = soft_topk_per_unit(s, tau, units)
+    sums = torch.zeros(4, dtype=torch.float64).index_add_(0, units.seg, f)
+    # the issue's budget tolerance, per unit; a unit kept whole is exactly ones
+    assert torch.allclose(sums, torch.tensor([4.0, 8.0, 16.0, 3.0], dtype=torch.float64), atol=1e-4), sums
+    assert bool((f[-3:] == 1).all())
+
+
+def test_per_unit_low_temperature_is_each_units_hard_top_k() -> None:
+    s, units = _per_unit_case(1)
+    f = soft_topk_per_unit(s, 1e-5, units)  # below every unit's k-th / (k+1)-th score gap (the first unit's ~5e-3)
+    start = 0
+    for n, r in zip(units.sizes, units.floors, strict=True):
+        expected = torch.zeros(n, dtype=torch.float64)
+        expected[torch.topk(s[start : start + n], r).indices] = 1.0
+        assert torch.allclose(f[start : start + n], expected, atol=1e-6)
+        start += n
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.3])
+def test_per_unit_backward_matches_finite_differences(tau: float) -> None:
+    s, units = _per_unit_case(2)
+    s = (s / s.abs().max()).requires_grad_(True)  # O(1) arguments at these tau: finite differences are accurate
+    assert torch.autograd.gradcheck(lambda x: soft_topk_per_unit(x, tau, units), (s,), eps=1e-6, atol=1e-6)
 
 
 def test_straight_through_floor_backward_lets_a_bound_unit_ask_for_budget() -> None:

@@ -30,7 +30,13 @@ from pruning_core.geometry import PruningPlan, PruningUnit
 from pruning_core.geometry.select import min_kept, uniform_counts
 from pruning_core.methods.smart.config import SmartConfig
 from pruning_core.methods.smart.temperature import Temperature
-from pruning_core.methods.smart.topk import Floors, soft_topk, soft_topk_floors, soft_topk_floors_bound
+from pruning_core.methods.smart.topk import (
+    Floors,
+    soft_topk,
+    soft_topk_floors,
+    soft_topk_floors_bound,
+    soft_topk_per_unit,
+)
 from pruning_core.progress import Progress, StageProgress
 from pruning_core.spec import PruneSpec
 from pruning_core.train import TrainConfig, make_optimizer, train_steps
@@ -101,9 +107,9 @@ class SmartPruner:
                     mode = "layer" if self.plan.granularity == "channel" else "global"
                 s = init_scores([self.plan.units[i] for i in idx], mode)
                 self.scores.append(nn.Parameter(s.to(device) if device is not None else s))
-        if self.unit_budgets is not None:  # every unit its own top-k: the floors problem with floors = budgets
+        if self.unit_budgets is not None:  # every unit its own top-k (Floors holds the per-unit bookkeeping)
             self.floors = Floors([self.plan.units[i].num_groups for i in self.dense_idx], self.unit_budgets,
-                                 self.scores[0].device, exact_grad=True)
+                                 self.scores[0].device)
         elif self.dense_idx and self.cfg.soft_floors != "off":
             units = [self.plan.units[i] for i in self.dense_idx]
             self.floors = Floors([u.num_groups for u in units], [min_kept(u, self.min_keep) for u in units],
@@ -133,7 +139,7 @@ class SmartPruner:
                 flat.append(torch.ones_like(self.scores[j]))
             elif self.unit_budgets is not None:
                 assert self.floors is not None, "call prepare() first"
-                flat.append(soft_topk_floors(self.scores[j], self.k, tau, self.floors))
+                flat.append(soft_topk_per_unit(self.scores[j], tau, self.floors))
             elif self.floors is not None and floors and self.floors_bound:
                 # they bound at the last step and scores move little per step: solve with floors directly (its
                 # solution is the plain one whenever no floor binds) and see whether they still bind

@@ -229,7 +229,8 @@ class Floors:
                                                                                               mask.double())
         return bool((sums < self.r - 1e-9).any())
 
-    def unit_shifts(self, z: Tensor) -> Tensor:
+    def unit_shifts(self, z: Tensor, bisections: int = FLOOR_BISECTION_ITERS,
+                    newtons: int = FLOOR_NEWTON_ITERS) -> Tensor:
         """s[U]: the shift that makes each unit alone sum to its floor (+inf for units kept whole)."""
         order = torch.argsort(z, descending=True, stable=True)
         order = order[torch.argsort(self.seg[order], stable=True)]  # unit-major, descending within units
@@ -246,7 +247,7 @@ class Floors:
                 if with_slope else None
             return total, slope
 
-        s = _find_root(evaluate, lo, hi, self.r, FLOOR_BISECTION_ITERS, FLOOR_NEWTON_ITERS)
+        s = _find_root(evaluate, lo, hi, self.r, bisections, newtons)
         return torch.where(self.full, math.inf, s)
 
 
@@ -295,6 +296,35 @@ class SoftTopKFloors(torch.autograd.Function):
         keeps telling it whether more budget would help."""
         f, group = ctx.saved_tensors
         return _project(grad, f, ctx.tau, group, ctx.groups), None, None, None
+
+
+class SoftTopKPerUnit(torch.autograd.Function):
+    """Flat scores [N] -> soft mask with exactly `units.floors[u]` in every unit u: one independent top-k per unit
+    (SMART's channel budgets per dependency group), exact per-unit Jacobian."""
+
+    @staticmethod
+    def forward(ctx: Any, scores: Tensor, tau: float, units: Floors) -> Tensor:
+        assert scores.dim() == 1 and scores.numel() == int(units.seg.numel()), "flat scores, one per group"
+        assert tau > 0, f"temperature must be positive, got {tau}"
+        z = scores.detach().double() / tau
+        # each unit is a plain top-k problem (smooth, monotone sum, tight bracket from its own r-th and (r+1)-th
+        # values), so the plain solver's 6 + 4 iterations suffice; the floors' 12 + 5 are for the global sum's kinks
+        shift = units.unit_shifts(z, BISECTION_ITERS, NEWTON_ITERS)
+        f = _flush_tiny(torch.sigmoid(z + shift[units.seg]))
+        ctx.save_for_backward(f)
+        ctx.tau, ctx.seg, ctx.units = tau, units.seg, units.units
+        return f.to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (f,) = ctx.saved_tensors
+        return _project(grad, f, ctx.tau, ctx.seg, ctx.units), None, None
+
+
+def soft_topk_per_unit(scores: Tensor, tau: float, units: Floors) -> Tensor:
+    """Soft top-k of flat scores with an exact budget per unit (`units.floors`), the units independent."""
+    out: Tensor = SoftTopKPerUnit.apply(scores, tau, units.to(scores.device))
+    return out
 
 
 def soft_topk_floors_bound(scores: Tensor, k: int, tau: float, floors: Floors) -> tuple[Tensor, Tensor]:
