@@ -26,6 +26,11 @@ def has_bearer_token(scope: Scope) -> bool:
     return False
 
 
+def has_body(scope: Scope) -> bool:
+    headers = dict(scope.get("headers", ()))
+    return headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
+
+
 class RequireBearer:
     """Pure ASGI middleware (no BaseHTTPMiddleware: that buffers streaming responses such as the SSE events)."""
 
@@ -35,6 +40,9 @@ class RequireBearer:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (scope["type"] == "http" and scope["method"] != "OPTIONS" and scope["path"].startswith(self.prefix)
                 and not has_bearer_token(scope)):
-            await problem_response(Request(scope), 401, MISSING_KEY, CHALLENGE)(scope, receive, send)
+            # a body we will not read (an upload may be hundreds of MB): close the connection after the answer,
+            # as api.problems does for oversized uploads, instead of leaving it to be drained
+            headers = {**CHALLENGE, "Connection": "close"} if has_body(scope) else CHALLENGE
+            await problem_response(Request(scope), 401, MISSING_KEY, headers)(scope, receive, send)
             return
         await self.app(scope, receive, send)

@@ -54,6 +54,8 @@ def test_a_keyless_request_is_refused_before_its_body_is_read(api: ApiHarness) -
         r = getattr(api.client, method)(path, **kwargs)
         assert r.status_code == 401 and r.headers["content-type"] == PROBLEM, (path, kwargs, r.status_code, r.text)
         assert r.headers["www-authenticate"] == "Bearer" and "Bearer" in r.json()["detail"]
+        # an unread body: the connection closes after the answer (a keyless upload is not drained)
+        assert (r.headers.get("connection") == "close") == (method == "post"), (path, r.headers.get("connection"))
     with_key = api.client.post("/v1/jobs", content=b"{not json", headers={**api.h(api.key_a),
                                                                           "Content-Type": "application/json"})
     assert with_key.status_code == 422 and with_key.headers["content-type"] == PROBLEM  # the body's own error
