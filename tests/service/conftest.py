@@ -79,15 +79,16 @@ def redis_url() -> Iterator[str]:
     r.flushdb()
 
 
-def make_tiny_onnx(path: Path, channels: int = 16) -> Path:
-    """A real (small) conv net: two convs + linear head, exported with the TorchScript-based exporter."""
+def make_tiny_onnx(path: Path, channels: int = 16, size: int = 16) -> Path:
+    """A real (small) conv net: two convs + linear head, exported with the TorchScript-based exporter for
+    `size` x `size` inputs."""
     torch.manual_seed(0)
     m = nn.Sequential(
         nn.Conv2d(3, channels, 3, padding=1), nn.ReLU(),
         nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10),
     ).eval()
-    torch.onnx.export(m, (torch.randn(1, 3, 16, 16),), str(path), dynamo=False, input_names=["x"],
+    torch.onnx.export(m, (torch.randn(1, 3, size, size),), str(path), dynamo=False, input_names=["x"],
                       output_names=["logits"])
     return path
 

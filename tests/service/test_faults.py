@@ -41,6 +41,7 @@ from tests.service.conftest import (
     drop_pg_database,
     free_port,
     fresh_pg_database,
+    make_tiny_onnx,
     poll_job,
     service_env,
     wait_http,
@@ -408,14 +409,16 @@ torch.set_num_threads(1)
 from db.artifacts import ArtifactStore
 from db.session import make_engine, make_session_factory
 from hwprune.settings import Settings
-from pruning_core.pipeline import prune_stage  # noqa: F401  (import everything before capping memory)
+from pruning_core.pipeline import warm_imports
+warm_imports()  # what a worker process imports at start (worker/tasks._preload), before any job: not under the cap
 from worker.runner import TaskContext, run_prune
 data = sys.argv[1]
 settings = Settings(data_dir=data)
 ctx = TaskContext(factory=make_session_factory(make_engine(settings.resolved_database_url)),
                   store=ArtifactStore(settings.data_dir), settings=settings, enqueue_measure=lambda j: None)
 vm = int([l for l in open("/proc/self/status") if l.startswith("VmSize")][0].split()[1]) * 1024
-# 256 MiB of headroom: far below what batch_size 4096 needs, so an allocation fails (no real memory is used).
+# 256 MiB of headroom: the job's synthetic inputs alone need 400 MB (512 x 3 x 256 x 256 float32), so an
+# allocation fails inside the job (no real memory is used).
 resource.setrlimit(resource.RLIMIT_AS, (vm + 256 * 2**20, vm + 256 * 2**20))
 run_prune(ctx, sys.argv[2])
 """
@@ -423,7 +426,7 @@ run_prune(ctx, sys.argv[2])
 
 @pytest.mark.services
 @pytest.mark.slow
-def test_out_of_memory_fails_the_job_with_that_reason(tmp_path: Path, tiny_onnx: Path) -> None:
+def test_out_of_memory_fails_the_job_with_that_reason(tmp_path: Path) -> None:
     from db.artifacts import ArtifactStore
     from db.keys import create_key
     from db.models import ModelRecord
@@ -436,17 +439,17 @@ def test_out_of_memory_fails_the_job_with_that_reason(tmp_path: Path, tiny_onnx:
     with transaction(factory) as s:
         tenant, _ = create_key(s, "oom")
         m = ModelRecord(tenant_id=tenant.id, name="tiny", format="onnx", opset=17, inputs=[], outputs=[], params=1,
-                        macs=1, sha256="0" * 64, size_bytes=1, input_shape=[1, 3, 16, 16])
+                        macs=1, sha256="0" * 64, size_bytes=1, input_shape=[1, 3, 256, 256])
         s.add(m)
         s.flush()
-        spec = {**QUICK, "batch_size": 4096, "steps": 5, "input_shape": [1, 3, 16, 16]}
+        spec = {**QUICK, "steps": 5, "input_shape": [1, 3, 256, 256]}
         j = Job(tenant_id=tenant.id, model_id=m.id, method="magnitude", granularity="channel", accelerator="cpu",
                 spec=spec, status="queued", progress=0.0, cancel_requested=False, attempts=0)
         s.add(j)
         s.flush()
         job_id, path = j.id, store.model_path(tenant.id, m.id, "onnx")
     path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(tiny_onnx, path)
+    make_tiny_onnx(path, size=256)
     env = {**service_env(), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.run([sys.executable, "-c", OOM_CHILD, str(tmp_path), job_id], env=env, capture_output=True,
                           text=True, timeout=300)
