@@ -113,6 +113,7 @@ def train_steps(
     after_step: Callable[[int], None] | None = None,
     weight_params: Sequence[nn.Parameter] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    teacher_outputs: Sequence[torch.Tensor] | None = None,
 ) -> list[dict[str, float]]:
     """Run `steps` optimisation steps; returns the loss history (one entry per `log_every` steps).
 
@@ -121,14 +122,18 @@ def train_steps(
     cosine schedule from the lr it was created with.
 
     Teacher outputs are computed once for the whole dataset (the teacher is frozen and the data are not
-    augmented), which removes a dense forward pass from every step. Ends with `recalibrate_batchnorm`.
+    augmented), which removes a dense forward pass from every step; a caller that trains several times on the
+    same teacher and data passes them in (`teacher_outputs`, from `predict`) instead of recomputing them.
+    Ends with `recalibrate_batchnorm`.
     """
     torch.manual_seed(cfg.seed)
     history: list[dict[str, float]] = []
     if steps <= 0:
         return history
     device = _device_of(model)
-    targets = predict(teacher, data.inputs) if teacher is not None else None
+    targets = teacher_outputs
+    if targets is None and teacher is not None:
+        targets = predict(teacher, data.inputs)
     opt = optimizer if optimizer is not None else make_optimizer(model, cfg, extra_param_groups, weight_params)
     base_lrs = [g.setdefault("base_lr", g["lr"]) for g in opt.param_groups]
     index = torch.arange(len(data))

@@ -284,3 +284,17 @@ def test_fine_tuning_continues_the_soft_phase_adam_moments(monkeypatch: pytest.M
     weights, scores = made[0].param_groups  # the model's weights, SMART's scores
     assert {int(made[0].state[p]["step"]) for p in weights["params"]} == {9}  # moments carried over all 9 steps
     assert {int(made[0].state[p]["step"]) for p in scores["params"]} == {6}  # scores: soft phase only
+
+
+def test_teacher_runs_over_the_data_once_for_both_phases() -> None:
+    """The dense teacher's outputs are computed once per SMART run, not once per phase (a full pass over the
+    user's data each time)."""
+    model = tiny_cnn()
+    teacher = copy.deepcopy(model)
+    calls = []
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    spec = PruneSpec(method="smart", granularity="block", accelerator={"block_shape": [1, 4]}, target_sparsity=0.75,
+                     steps=9, batch_size=8, lr=1e-3, min_keep=0.05)
+    res = run_smart(model, teacher, build_plan(model, X, "block", spec.profile), spec, data(), None)
+    assert res.info["soft_steps"] > 0 and res.info["finetune_steps"] > 0
+    assert len(calls) == 1  # 64 inputs: one predict batch (predict's batch size 64); two phases would make it 2

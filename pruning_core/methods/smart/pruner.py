@@ -39,7 +39,7 @@ from pruning_core.methods.smart.topk import (
 )
 from pruning_core.progress import Progress, StageProgress
 from pruning_core.spec import PruneSpec
-from pruning_core.train import TrainConfig, make_optimizer, train_steps
+from pruning_core.train import TrainConfig, make_optimizer, predict, train_steps
 
 
 def _standardise(x: Tensor) -> Tensor:
@@ -91,7 +91,8 @@ class SmartPruner:
             # global budget for block / channel units, k = round((1 - s) * N), kept strictly inside (0, N)
             self.k = min(max(round((1.0 - sparsity) * n_dense), 1), n_dense - 1) if n_dense > 1 else 0
         self.scores: list[nn.Parameter] = []  # [dense scores] and/or [N:M scores], flat
-        self.floors: Floors | None = None  # per-unit min_keep floors of the soft top-k (config.soft_floors)
+        self.floors: Floors | None = None  # per-unit min_keep floors of the soft top-k (config.soft_floors); with
+        #   per-unit budgets (channel_allocation "uniform") the same bookkeeping holds each unit's exact budget
         self.floors_bound = False  # a floor bound at the last floored step (skip the plain solve next time)
         self.hard: list[Tensor] | None = None
         self.last: dict[str, float] = {}
@@ -266,6 +267,7 @@ def run_smart(model: nn.Module, teacher: nn.Module | None, plan: PruningPlan, sp
     # within a point (docs/benchmarks/quality.md). The scores get no gradient after the switch.
     score_group = {"params": scores, "lr": cfg.score_lr, "betas": cfg.score_betas, "weight_decay": 0.0}
     opt = make_optimizer(model, tcfg, [score_group])
+    targets = predict(teacher, data.inputs) if teacher is not None else None  # both phases distil from these
     if soft_steps > 0:
         # no BatchNorm recalibration under soft masks: hardening changes the network at once, and the
         # fine-tuning phase (at least one step whenever there is a soft phase) recalibrates at its end
@@ -273,13 +275,13 @@ def run_smart(model: nn.Module, teacher: nn.Module | None, plan: PruningPlan, sp
         train_steps(
             model, teacher, data, soft_steps, soft_cfg,
             progress=_PhaseProgress(stage_progress, 0.0, soft_share, record(0, 0), cfg.log_every),
-            optimizer=opt, before_step=pruner.soft_step, after_step=pruner.observe,
+            optimizer=opt, teacher_outputs=targets, before_step=pruner.soft_step, after_step=pruner.observe,
         )
     hard = pruner.harden()
     n_groups = sum(m.numel() for m in hard)
     hard_kept = float(sum(float(m.sum()) for m in hard) / max(n_groups, 1))
     if ft_steps > 0:
-        train_steps(model, teacher, data, ft_steps, tcfg, optimizer=opt,
+        train_steps(model, teacher, data, ft_steps, tcfg, optimizer=opt, teacher_outputs=targets,
                     progress=_PhaseProgress(stage_progress, soft_share, 1.0, record(1, soft_steps), cfg.log_every))
     module = pruner.squash_mask()
     info = {"soft_steps": soft_steps, "finetune_steps": ft_steps, "escapes": pruner.temperature.escapes,

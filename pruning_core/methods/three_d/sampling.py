@@ -124,6 +124,7 @@ class Evaluator:
     def __init__(self, teacher: nn.Module, train: TrainData, val: TrainData, cfg: TrainConfig) -> None:
         self.teacher, self.train, self.val, self.cfg = teacher, train, val, cfg
         self.ref = predict(teacher, val.inputs)[0]
+        self.targets = predict(teacher, train.inputs)  # every fine-tuning run distils from these (one pass)
         if val.labels is not None and is_logits(self.ref):
             self.metric = "accuracy"
         elif is_logits(self.ref):
@@ -134,7 +135,7 @@ class Evaluator:
     def finetune(self, model: nn.Module, steps: int, seed: int, progress: StageProgress | None = None) -> None:
         cfg = copy.copy(self.cfg)
         cfg.seed = seed
-        train_steps(model, self.teacher, self.train, steps, cfg, progress=progress)
+        train_steps(model, self.teacher, self.train, steps, cfg, progress=progress, teacher_outputs=self.targets)
 
     @torch.no_grad()
     def score(self, model: nn.Module) -> float:
